@@ -1,0 +1,533 @@
+"""Every network of MVD, plus the plumbing the three stages share (checkpoints, optimizer groups, schedule, devices).
+
+Shape legend used in the comments:
+    B batch, C=3 colour channels, T frames, H x W pixels, p patch size, tubelet frames per tube (2)
+    t, h, w = T/tubelet, H/p, W/p the token grid; N = t*h*w tokens of a clip, L = h*w tokens of an image
+    N_vis visible tokens, N_mask masked tokens, D encoder width, Dd decoder width
+Conventions, said once here:
+    mask: bool (B, N), True = masked (hidden from the encoder). Every sample of a batch hides the same number of tokens,
+    so x[~mask].reshape(B, -1, D) is valid.
+    Teacher features are the output of the last block *before* the final norm, as in the official code.
+    Parameter names are the official MAE / VideoMAE / MVD ones, so checkpoints interchange in both directions.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+VIT_SIZES = {
+    "vit_tiny": dict(dim=192, depth=12, heads=3),
+    "vit_small": dict(dim=384, depth=12, heads=6),
+    "vit_base": dict(dim=768, depth=12, heads=12),
+    "vit_large": dict(dim=1024, depth=24, heads=16),
+    "vit_huge": dict(dim=1280, depth=32, heads=16),
+}
+# VideoMAE's pixel decoder per encoder size (width, depth, heads), as the official pretraining scripts.
+VIDEOMAE_DECODER = {"vit_tiny": (96, 4, 3), "vit_small": (192, 4, 3), "vit_base": (384, 4, 6),
+                    "vit_large": (512, 12, 8), "vit_huge": (640, 12, 8)}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def vit_config(size, **overrides):
+    """VIT_SIZES[size] with any of dim/depth/heads replaced: vit_config("vit_tiny", depth=2) is a test config."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
+    return {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixed sin-cos position tables (pure torch, computed in float64 like the official numpy code, returned as float32)
+# ---------------------------------------------------------------------------------------------------------------------
+def sincos_1d(dim, pos):
+    """(L,) positions -> (L, dim): [sin(pos * omega), cos(pos * omega)], omega_i = 1 / 10000^(i / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.to(torch.float64)[:, None] * omega[None]  # (L, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim, h, w):
+    """(h*w, dim), row-major tokens; the column half comes first, as MAE's table."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+
+
+def sincos_3d(dim, t, h, w):
+    """(t*h*w, dim), t-major tokens: a quarter of the width for time, the rest a 2D table of width 3*dim/4."""
+    time = sincos_1d(dim // 4, torch.arange(t)).repeat_interleave(h * w, dim=0)  # (t*h*w, dim/4)
+    space = sincos_2d(dim - dim // 4, h, w).repeat(t, 1)  # (t*h*w, 3*dim/4)
+    return torch.cat([time, space], dim=1)
+
+
+def sinusoid_1d(dim, n):
+    """VideoMAE's table over the flat token index: angle(n, j) = n / 10000^(2*(j//2)/dim), sin at even j, cos at odd."""
+    j = torch.arange(dim, dtype=torch.float64)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] / 10000 ** (2 * (j // 2) / dim)  # (n, dim)
+    return torch.where(j % 2 == 0, angles.sin(), angles.cos()).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks shared by all models
+# ---------------------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with the official parameters: qkv weight without bias plus learned q_bias and v_bias.
+    The key bias is fixed at zero: it adds the same term to every logit of a query, so the softmax ignores it."""
+
+    def __init__(self, dim, heads, attn_drop=0.0):
+        super().__init__()
+        self.heads, self.attn_drop = heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        B, N, D = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of whole samples with probability p, scale the kept ones by 1/(1-p)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch under DropPath."""
+
+    def __init__(self, dim, heads, drop_path=0.0, attn_drop=0.0, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, attn_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def stochastic_depths(drop_path, depth):
+    return torch.linspace(0, drop_path, depth).tolist()  # rises linearly from 0 to drop_path over the blocks
+
+
+def run_blocks(blocks, x, use_checkpoint=False):
+    for block in blocks:
+        if use_checkpoint and torch.is_grad_enabled():  # recompute activations in backward: memory for time
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Images (B, 3, H, W) -> (B, L, D) with a Conv2d, or clips (B, 3, T, H, W) -> (B, N, D) with a Conv3d over tubes."""
+
+    def __init__(self, dim, patch_size, tubelet_size=None):
+        super().__init__()
+        if tubelet_size is None:
+            self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        else:
+            kernel = (tubelet_size, patch_size, patch_size)
+            self.proj = nn.Conv3d(3, dim, kernel, stride=kernel)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, [t,] h, w) -> (B, N, D), t-major then row, column
+
+
+class Encoder(nn.Module):
+    """Patch/tube embedding + fixed position table + blocks + final norm: the backbone of all four models.
+
+    pos="3d" (MVD student and classifier), "2d" (image MAE, with MAE's zero row for the cls token) or "1d" (VideoMAE).
+    The table is a buffer recomputed for this model's own input size and frame count; it is saved in the state dict
+    only where the official module saves it (persistent_pos), and load_checkpoint never reads it from a checkpoint.
+    """
+
+    def __init__(self, size="vit_base", img_size=224, patch_size=16, num_frames=16, tubelet_size=2, pos="3d",
+                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, attn_drop=0.0,
+                 use_checkpoint=False, **overrides):
+        super().__init__()
+        cfg = vit_config(size, **overrides)
+        self.dim, self.depth, self.heads = cfg["dim"], cfg["depth"], cfg["heads"]
+        self.patch_size, self.tubelet_size, self.use_checkpoint = patch_size, tubelet_size, use_checkpoint
+        image = pos == "2d"
+        self.grid = (img_size // patch_size,) * 2 if image else (num_frames // tubelet_size,) + (img_size // patch_size,) * 2
+        self.patch_embed = PatchEmbed(self.dim, patch_size, None if image else tubelet_size)
+        table = {"3d": lambda: sincos_3d(self.dim, *self.grid), "2d": lambda: sincos_2d(self.dim, *self.grid),
+                 "1d": lambda: sinusoid_1d(self.dim, math.prod(self.grid))}[pos]()
+        if image and cls_token:
+            table = torch.cat([torch.zeros(1, self.dim), table])  # MAE's table has a zero row for the cls token
+        self.register_buffer("pos_embed", table[None], persistent=persistent_pos)  # (1, [1+]N, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim)) if cls_token else None
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, attn_drop)
+                                    for dp in stochastic_depths(drop_path, self.depth))
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6) if final_norm else nn.Identity()
+
+    def embed(self, x, mask=None):  # (B, 3, [T,] H, W) -> (B, [1+]N_vis, D)
+        x = self.patch_embed(x)
+        x = x + self.pos_embed[:, -x.shape[1]:].to(x.dtype)  # MAE's cls row is zero: the cls token gets nothing
+        if mask is not None:
+            x = x[~mask].reshape(x.shape[0], -1, self.dim)  # keep the visible tokens, in token order
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x
+
+    def forward_features(self, x, mask=None, final_norm=True):
+        x = run_blocks(self.blocks, self.embed(x, mask), self.use_checkpoint)
+        return self.norm(x) if final_norm else x
+
+
+def init_weights(module):
+    """The official pretraining init: xavier-uniform linear layers (patch embeddings as flattened linears), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if "token" in name:
+            nn.init.trunc_normal_(p, std=0.02)
+
+
+class Decoder(nn.Module):
+    """Shallow transformer over [visible, mask tokens]; predicts only at the last num_masked (masked) positions."""
+
+    def __init__(self, dim, depth, heads, out_dim, drop_path=0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, dp) for dp in stochastic_depths(drop_path, depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x, num_masked, use_checkpoint=False):  # (B, N, Dd) -> (B, N_mask, out_dim)
+        x = run_blocks(self.blocks, x, use_checkpoint)
+        return self.head(self.norm(x[:, -num_masked:]))
+
+
+def visible_then_masked(x_vis, mask, mask_token, pos):
+    """Decoder input: cat([x_vis + pos[visible], mask_token + pos[masked]]); (B, N_vis, Dd) -> (B, N, Dd)."""
+    B, _, Dd = x_vis.shape
+    pos = pos.to(x_vis.dtype).expand(B, -1, -1)
+    pos_vis, pos_mask = pos[~mask].reshape(B, -1, Dd), pos[mask].reshape(B, -1, Dd)
+    return torch.cat([x_vis + pos_vis, mask_token.to(x_vis.dtype) + pos_mask], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalized-pixel targets of the two teachers' pretraining
+# ---------------------------------------------------------------------------------------------------------------------
+def patchify_image(images, p):  # (B, 3, H, W) -> (B, L, p*p*3), pixels of a patch in (p0 p1 c) order as MAE
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def image_mae_targets(images, p):
+    """MAE: each patch normalized by the mean and (unbiased) variance of all its p*p*3 values."""
+    x = patchify_image(images, p).float()
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def video_mae_targets(video, p, tubelet):
+    """VideoMAE: undo the ImageNet normalization, then each tube normalized per channel over its tubelet*p*p positions
+    ((x - mean) / (unbiased std + 1e-6)), flattened in (p0 p1 p2 c) order. (B, 3, T, H, W) -> (B, N, tubelet*p*p*3)."""
+    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    x = (video.float() * std + mean)
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    x = x.reshape(B, -1, tubelet * p * p, C)  # (B, N, positions, C)
+    x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The four models
+# ---------------------------------------------------------------------------------------------------------------------
+class ImageMAE(Encoder):
+    """Image MAE (He et al.) = the image teacher. Encoder keys at the top level, decoder under MAE's own names."""
+
+    def __init__(self, size="vit_base", img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                 drop_path=0.0, **overrides):
+        super().__init__(size, img_size, patch_size, pos="2d", cls_token=True, drop_path=drop_path, **overrides)
+        self.decoder_embed = nn.Linear(self.dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
+        self.register_buffer("decoder_pos_embed", table[None])  # (1, 1+L, Dd)
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
+        init_weights(self)
+
+    def teacher_features(self, images):  # (B, 3, H, W) -> (B, L, D)
+        return self.forward_features(images, final_norm=False)[:, 1:]  # cls token dropped
+
+    def video_features(self, video, frame_stride=2):
+        """Teacher features of every frame_stride-th frame of a clip, in the student's tube order.
+        (B, 3, T, H, W) -> (B, T/frame_stride * L, D). The 2D patch embedding runs as a Conv3d of temporal size 1 and
+        stride frame_stride over the clip itself, so the frames are never gathered into an image batch (no copy)."""
+        B = video.shape[0]
+        w = self.patch_embed.proj.weight.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
+        p = self.patch_size
+        x = F.conv3d(video, w, self.patch_embed.proj.bias, stride=(frame_stride, p, p))  # (B, D, t, h, w)
+        t = x.shape[2]
+        x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * t, -1, self.dim)  # (B, D, t, L) -> (B*t, L, D)
+        x = x + self.pos_embed[:, 1:].to(x.dtype)
+        x = torch.cat([self.cls_token.expand(B * t, -1, -1).to(x.dtype), x], dim=1)
+        x = run_blocks(self.blocks, x)[:, 1:]  # (B*t, L, D)
+        return x.reshape(B, -1, self.dim)  # (B, t*L, D): frame-major, then row, column = the student's tube order
+
+    def forward(self, images, mask_ratio=0.75, mask=None):
+        """MAE pretraining step: -> (loss, pred (B, L, p*p*3) for every patch, mask (B, L)). A mask may be given."""
+        B, L = images.shape[0], math.prod(self.grid)
+        if mask is None:  # MAE's per-sample random masking of L - int(L * (1 - ratio)) tokens
+            keep = int(L * (1 - mask_ratio))
+            ranks = torch.rand(B, L, device=images.device).argsort(1).argsort(1)
+            mask = ranks >= keep
+        x = self.decoder_embed(self.forward_features(images, mask))  # (B, 1+N_vis, Dd)
+        tokens = self.mask_token.to(x.dtype).expand(B, L, -1).clone()  # (B, L, Dd) in patch order
+        tokens[~mask] = x[:, 1:].reshape(-1, x.shape[-1])
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = run_blocks(self.decoder_blocks, x, self.use_checkpoint)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, p*p*3)
+        loss = ((pred.float() - image_mae_targets(images, self.patch_size)) ** 2).mean(-1)  # (B, L)
+        return (loss * mask).sum() / mask.sum(), pred, mask
+
+
+class VideoMAE(nn.Module):
+    """VideoMAE (Tong et al.) = the video teacher: encoder on visible tubes, a pixel decoder over all tubes."""
+
+    def __init__(self, size="vit_base", num_frames=16, img_size=224, patch_size=16, tubelet_size=2, decoder_dim=None,
+                 decoder_depth=None, decoder_heads=None, drop_path=0.0, use_checkpoint=False, **overrides):
+        super().__init__()
+        self.encoder = Encoder(size, img_size, patch_size, num_frames, tubelet_size, pos="1d", persistent_pos=False,
+                               drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
+        dd, depth, heads = VIDEOMAE_DECODER[size]
+        dd, depth, heads = decoder_dim or dd, decoder_depth or depth, decoder_heads or heads
+        self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.register_buffer("pos_embed", sinusoid_1d(dd, math.prod(self.encoder.grid))[None], persistent=False)
+        self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
+        init_weights(self)
+
+    def teacher_features(self, video):  # (B, 3, T, H, W) -> (B, N, D) on the whole, unmasked clip
+        return self.encoder.forward_features(video, final_norm=False)
+
+    def forward(self, video, mask):  # -> (loss, pred (B, N_mask, tubelet*p*p*3))
+        x = self.encoder_to_decoder(self.encoder.forward_features(video, mask))  # (B, N_vis, Dd)
+        num_masked = int(mask[0].sum())
+        pred = self.decoder(visible_then_masked(x, mask, self.mask_token, self.pos_embed), num_masked,
+                            self.encoder.use_checkpoint)
+        target = video_mae_targets(video, self.encoder.patch_size, self.encoder.tubelet_size)
+        target = target[mask].reshape(video.shape[0], num_masked, -1)
+        return F.mse_loss(pred.float(), target), pred
+
+
+class MVDStudent(Encoder):
+    """The MVD student: encoder on the visible 10% of tubes, and one feature decoder per teacher (the same class twice:
+    `down_img`, `mask_token_img`, `pos_embed_img`, `decoder_img`, and the same with `_vid`). A teacher dimension of 0
+    builds no decoder for that teacher (single-teacher ablations)."""
+
+    def __init__(self, size="vit_small", num_frames=16, img_size=224, decoder_depth=2, img_teacher_dim=768,
+                 vid_teacher_dim=768, patch_size=16, tubelet_size=2, decoder_dim=None, decoder_heads=None,
+                 drop_path=0.0, use_cls_token=False, use_checkpoint=False, **overrides):
+        super().__init__(size, img_size, patch_size, num_frames, tubelet_size, pos="3d", cls_token=use_cls_token,
+                         drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
+        dd, heads = decoder_dim or self.dim, decoder_heads or self.heads
+        self.teachers = [name for name, dim in (("img", img_teacher_dim), ("vid", vid_teacher_dim)) if dim]
+        for name, out_dim in (("img", img_teacher_dim), ("vid", vid_teacher_dim)):
+            if out_dim:
+                setattr(self, f"mask_token_{name}", nn.Parameter(torch.zeros(1, 1, dd)))
+                setattr(self, f"down_{name}", nn.Linear(self.dim, dd))
+                setattr(self, f"decoder_{name}", Decoder(dd, decoder_depth, heads, out_dim, drop_path))
+                self.register_buffer(f"pos_embed_{name}", sincos_3d(dd, *self.grid)[None])
+        init_weights(self)
+
+    def forward(self, video, mask):
+        """(B, 3, T, H, W), mask (B, N) -> (pred_img, pred_vid), each (B, N_mask, teacher dim) or None if not built."""
+        x = self.forward_features(video, mask)  # (B, [1+]N_vis, D)
+        if self.cls_token is not None:  # a cls token goes first into each decoder, without a position
+            cls, x = x[:, :1], x[:, 1:]
+        num_masked = int(mask[0].sum())
+        preds = {}
+        for name in self.teachers:
+            down = getattr(self, f"down_{name}")
+            tokens = visible_then_masked(down(x), mask, getattr(self, f"mask_token_{name}"),
+                                         getattr(self, f"pos_embed_{name}"))
+            if self.cls_token is not None:
+                tokens = torch.cat([down(cls), tokens], dim=1)
+            preds[name] = getattr(self, f"decoder_{name}")(tokens, num_masked, self.use_checkpoint)
+        return preds.get("img"), preds.get("vid")
+
+
+class VideoClassifier(Encoder):
+    """Fine-tuning model: encoder on the whole clip, mean over tokens, fc_norm, dropout, linear head (official layout:
+    no final `norm`). pos="1d" fine-tunes VideoMAE checkpoints with the table they were trained with."""
+
+    def __init__(self, size="vit_base", num_classes=400, num_frames=16, img_size=224, patch_size=16, tubelet_size=2,
+                 drop_path=0.0, head_drop=0.0, init_scale=0.001, pos="3d", use_checkpoint=False, **overrides):
+        super().__init__(size, img_size, patch_size, num_frames, tubelet_size, pos=pos, final_norm=False,
+                         persistent_pos=False, drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
+        self.fc_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.fc_dropout = nn.Dropout(head_drop)
+        self.head = nn.Linear(self.dim, num_classes)
+        for m in self.modules():  # the official fine-tuning init: truncated normal 0.02, head scaled down
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(init_scale)
+
+    def features(self, video):  # (B, 3, T, H, W) -> (B, D) pooled features
+        return self.fc_norm(self.forward_features(video).mean(1))
+
+    def forward(self, video):  # -> logits (B, num_classes)
+        return self.head(self.fc_dropout(self.features(video)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, some released checkpoints
+
+
+def is_position_table(key):
+    return key.rsplit(".", 1)[-1] in ("pos_embed", "pos_embed_img", "pos_embed_vid", "decoder_pos_embed")
+
+
+def to_timm_layout(state_dict):
+    """Our q_bias/v_bias -> timm's qkv.bias with a zero key part: the layout the official MAE/MVD code reads."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.q_bias"):
+            out[key[:-len("q_bias")] + "qkv.bias"] = torch.cat(
+                [value, torch.zeros_like(value), state_dict[key[:-len("q_bias")] + "v_bias"]])
+        elif not key.endswith("attn.v_bias"):
+            out[key] = value
+    return out
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist: check the path") from None
+    except Exception as e:  # truncated files, pickles that would run code, non-checkpoint files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path} as plain weights ({first}); it is damaged or not a PyTorch "
+                         "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
+
+
+def load_checkpoint(model, path_or_state_dict, verbose=True):
+    """Load weights in any layout of SPEC into model; returns (missing, unexpected) key lists and prints one report.
+    Nesting under 'model'/'module'/'state_dict', prefixes module./_orig_mod./backbone., encoder. (added or removed to fit
+    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept)."""
+    state = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
+    while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("model", "module", "state_dict")):
+        state = next(state[k] for k in ("model", "module", "state_dict") if isinstance(state.get(k), dict))
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict of tensors (looked under 'model', 'module', 'state_dict')")
+    own = model.state_dict()
+    wants_encoder_prefix = any(k.startswith("encoder.") for k in own)
+    clean = {}
+    for key, value in state.items():
+        while key.startswith(PREFIXES):
+            key = key.split(".", 1)[1]
+        if key.startswith("encoder.") and not wants_encoder_prefix:
+            key = key[len("encoder."):]
+        elif wants_encoder_prefix and "encoder." + key in own:
+            key = "encoder." + key
+        if key.endswith("attn.qkv.bias"):  # timm layout: split into q and v parts, the key part cannot matter
+            q, _, v = value.chunk(3)
+            clean[key[:-len("qkv.bias")] + "q_bias"], clean[key[:-len("qkv.bias")] + "v_bias"] = q, v
+        elif not is_position_table(key):
+            clean[key] = value
+    for key, value in clean.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and the patch size")
+    fill = {k: v for k, v in own.items() if is_position_table(k)}  # keep the model's own tables
+    missing, unexpected = model.load_state_dict({**clean, **fill}, strict=False)
+    if verbose:
+        loaded = len([k for k in clean if k in own])
+        print(f"load_checkpoint: {loaded} tensors loaded; missing {len(missing)}: {', '.join(missing) or '-'}; "
+              f"unexpected {len(unexpected)}: {', '.join(unexpected) or '-'}")
+    return missing, unexpected
+
+
+def save_checkpoint(path, **state):
+    """Atomic save: write a temporary file in the same folder, flush and fsync it, then rename it over `path`. A run
+    killed at any moment leaves either the old or the new checkpoint, never half of one. Weights go under 'model'."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer parameter groups and learning-rate schedule
+# ---------------------------------------------------------------------------------------------------------------------
+def layer_id(name, depth):
+    """Layer of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, everything after -> depth + 1."""
+    name = name.removeprefix("encoder.")
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay=None, depth=None):
+    """AdamW groups: no weight decay on 1-D tensors (biases, norms, q/v biases) and tokens; optional layer-wise lr decay,
+    where layer i gets lr_scale = layer_decay ** (depth + 1 - i) (as the official fine-tuning)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim < 2 or "token" in name else weight_decay
+        layer = layer_id(name, depth) if layer_decay is not None else 0
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
+        group = groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
+    """Per-iteration learning rate as the official code: 1) linear warmup from 0; 2) cosine from base_lr to min_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
