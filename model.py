@@ -10,11 +10,15 @@ Conventions, said once here:
     Teacher features are the output of the last block *before* the final norm, as in the official code.
     Parameter names are the official MAE / VideoMAE / MVD ones, so checkpoints interchange in both directions.
 """
+import contextlib
 import math
 import os
+import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
@@ -266,11 +270,15 @@ def video_mae_targets(video, p, tubelet):
 # The four models
 # ---------------------------------------------------------------------------------------------------------------------
 class ImageMAE(Encoder):
-    """Image MAE (He et al.) = the image teacher. Encoder keys at the top level, decoder under MAE's own names."""
+    """Image MAE (He et al.) = the image teacher. Encoder keys at the top level, decoder under MAE's own names.
+    decoder_depth=0 builds the encoder alone (a frozen teacher needs no pixel decoder)."""
 
     def __init__(self, size="vit_base", img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  drop_path=0.0, **overrides):
         super().__init__(size, img_size, patch_size, pos="2d", cls_token=True, drop_path=drop_path, **overrides)
+        if decoder_depth == 0:  # a teacher only: the encoder, as in MAE's released encoder-only checkpoints
+            init_weights(self)
+            return
         self.decoder_embed = nn.Linear(self.dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
@@ -282,6 +290,9 @@ class ImageMAE(Encoder):
 
     def teacher_features(self, images):  # (B, 3, H, W) -> (B, L, D)
         return self.forward_features(images, final_norm=False)[:, 1:]  # cls token dropped
+
+    def official_state_dict(self):  # what checkpoints hold: timm's qkv.bias, read by the official MAE and MVD code
+        return to_timm_layout(self.state_dict())
 
     def video_features(self, video, frame_stride=2):
         """Teacher features of every frame_stride-th frame of a clip, in the student's tube order.
@@ -316,7 +327,8 @@ class ImageMAE(Encoder):
 
 
 class VideoMAE(nn.Module):
-    """VideoMAE (Tong et al.) = the video teacher: encoder on visible tubes, a pixel decoder over all tubes."""
+    """VideoMAE (Tong et al.) = the video teacher: encoder on visible tubes, a pixel decoder over all tubes.
+    decoder_depth=0 builds the encoder alone (a frozen teacher needs no pixel decoder)."""
 
     def __init__(self, size="vit_base", num_frames=16, img_size=224, patch_size=16, tubelet_size=2, decoder_dim=None,
                  decoder_depth=None, decoder_heads=None, drop_path=0.0, use_checkpoint=False, **overrides):
@@ -324,7 +336,10 @@ class VideoMAE(nn.Module):
         self.encoder = Encoder(size, img_size, patch_size, num_frames, tubelet_size, pos="1d", persistent_pos=False,
                                drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
         dd, depth, heads = VIDEOMAE_DECODER[size]
-        dd, depth, heads = decoder_dim or dd, decoder_depth or depth, decoder_heads or heads
+        dd, depth, heads = decoder_dim or dd, depth if decoder_depth is None else decoder_depth, decoder_heads or heads
+        if depth == 0:  # a teacher only: the encoder
+            init_weights(self)
+            return
         self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.register_buffer("pos_embed", sinusoid_1d(dd, math.prod(self.encoder.grid))[None], persistent=False)
@@ -473,9 +488,17 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     missing, unexpected = model.load_state_dict({**clean, **fill}, strict=False)
     if verbose:
         loaded = len([k for k in clean if k in own])
-        print(f"load_checkpoint: {loaded} tensors loaded; missing {len(missing)}: {', '.join(missing) or '-'}; "
-              f"unexpected {len(unexpected)}: {', '.join(unexpected) or '-'}")
+        print(f"load_checkpoint: {loaded} tensors loaded; missing {len(missing)}: {summarize(missing)}; "
+              f"unexpected {len(unexpected)}: {summarize(unexpected)}")
     return missing, unexpected
+
+
+def summarize(keys):
+    """'decoder.blocks.0.norm1.weight', ... -> 'decoder.* (57)': one entry per top-level module."""
+    groups = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(v[0] if len(v) == 1 else f"{k}.* ({len(v)})" for k, v in groups.items()) or "-"
 
 
 def save_checkpoint(path, **state):
@@ -531,3 +554,125 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
         return base_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
+# ---------------------------------------------------------------------------------------------------------------------
+def setup_distributed(precision):
+    """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
+    process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
+    (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        device = torch.device("cuda" if cuda else "cpu")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
+                           scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+
+
+def resume(args, model, optimizer, scaler):
+    """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer,
+    scaler and epoch. Returns the epoch to start from (0 for a fresh run)."""
+    path = args.resume or None
+    if path is None and args.auto_resume and os.path.exists(os.path.join(args.output_dir, "checkpoint-last.pth")):
+        path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if path is None:
+        return 0
+    state = read_checkpoint(path)
+    if not all(k in state for k in ("model", "optimizer", "epoch")):
+        raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
+                         "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
+    load_checkpoint(model, state["model"], verbose=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    print(f"resumed from {path}: epoch {state['epoch']} done")
+    return state["epoch"] + 1
+
+
+def save_training_state(args, model, optimizer, scaler, epoch):
+    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout."""
+    weights = model.official_state_dict() if hasattr(model, "official_state_dict") else model.state_dict()
+    state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                 args={k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()})
+    save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn):
+    """One epoch of optimizer steps. loss_fn(batch) -> (loss, {name: float}) runs under autocast.
+    Gradients accumulate over --update_freq micro-batches (DDP syncs only on the last one); the lr follows
+    cosine_schedule per optimizer step; a non-finite loss stops the run before the step is taken.
+    All randomness of the epoch (drop path, dropout) is seeded from (seed, epoch, rank): a resumed run repeats it."""
+    torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + env.rank)
+    loader.sampler.set_epoch(epoch)
+    model.train()
+    steps_per_epoch = len(loader) // args.update_freq
+    totals, start, count = {}, time.time(), 0
+    for i, batch in enumerate(loader):
+        if i >= steps_per_epoch * args.update_freq:
+            break
+        step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
+        if i % args.update_freq == 0:
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("lr_scale", 1.0) * cosine_schedule(
+                    step, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch, args.lr, args.min_lr)
+        last_micro = (i + 1) % args.update_freq == 0
+        sync = model.no_sync() if env.ddp and not last_micro else contextlib.nullcontext()
+        with sync, torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+            loss, logs = loss_fn(batch)
+        check = loss.detach().float().reshape(1)
+        if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce
+            dist.all_reduce(check)
+        if not torch.isfinite(check).all():
+            raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
+                                f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
+                                "--clip_grad 1.0 or --precision fp32")
+        with sync:
+            env.scaler.scale(loss / args.update_freq).backward()
+        if last_micro:
+            if args.clip_grad:
+                env.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            env.scaler.step(optimizer)
+            env.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        logs = {"loss": loss.item(), **logs}
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + v
+        count += 1
+        if env.is_main and (i + 1) % args.log_every == 0:
+            elapsed = time.time() - start
+            clips_s = count * args.batch_size * env.world_size / elapsed
+            eta = elapsed / count * (steps_per_epoch * args.update_freq - count)
+            print(f"epoch {epoch} step {i + 1}/{steps_per_epoch * args.update_freq} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                  + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} eta {eta:.0f}s", flush=True)
+    return {k: v / max(1, count) for k, v in totals.items()}
+
+
+def bench_steps(step_fn, steps, clips_per_step):
+    """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb)."""
+    import resource
+    step_fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_fn()
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))

@@ -1,0 +1,564 @@
+"""From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders, a synthetic set.
+
+Conventions (see SPEC.md):
+  a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front;
+  a mask is bool (N,) per sample, True = masked (hidden from the student), tokens flattened t-major, then row, column;
+  frames straight from a file are uint8 (T, H, W, 3) RGB.
+
+Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from a
+generator seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
+samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
+"""
+import argparse
+import functools
+import json
+import os
+import tempfile
+import time
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What a missing, truncated, empty or non-video file raises while it is read (PyAV errors are OSError or
+# ValueError subclasses, torchvision.io image decoding raises RuntimeError).
+UNREADABLE = (av.error.FFmpegError, OSError, ValueError, RuntimeError)
+
+
+# ----------------------------------------------------------------------------------------------- reading and writing
+
+def read_frames(path, indices, decode_all=False):
+    """The frames at 0-based `indices` (display order, repeats allowed; past the end = last frame): uint8 (len, H, W, 3).
+
+    Decodes only what the clip needs: seek to the keyframe before the first needed frame, convert only the needed
+    frames to RGB, stop after the last one. The result is exactly what a full decode gives at those positions.
+    `decode_all=True` is the slow reference (decode and convert everything, then index), for tests and the benchmark.
+    """
+    indices = [int(i) for i in indices]
+    if decode_all:
+        frames = _decode(path, set(indices), seek=False, convert_all=True)
+    else:
+        # After a seek, frame numbers come from timestamps; when they cannot be trusted (no rate or pts, a seek
+        # that lands after the frame we need, a gap between timestamps) count frames from the start instead.
+        frames = _decode(path, set(indices), seek=True) or _decode(path, set(indices), seek=False)
+    return torch.from_numpy(np.stack([frames[i] for i in indices]))
+
+
+def _decode(path, wanted, seek, convert_all=False):
+    """{index: (H, W, 3) uint8} for every wanted index, or None when a seek gave frame numbers we cannot trust."""
+    first, last = min(wanted), max(wanted)
+    out, previous, index = {}, None, -1
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
+        rate, time_base, start = stream.average_rate, stream.time_base, stream.start_time
+        by_pts = seek and first > 0 and bool(rate) and time_base is not None and start is not None
+        if by_pts:  # backward seek: lands on the last keyframe at or before the first needed frame
+            container.seek(start + int(first / (rate * time_base)), stream=stream)
+        for n, frame in enumerate(container.decode(stream)):
+            if by_pts:
+                if frame.pts is None:
+                    return None
+                i = round((frame.pts - start) * time_base * rate)
+                if (n == 0 and i > first) or (n > 0 and i != index + 1):
+                    return None
+                index = i
+            else:
+                index = n
+            if index in wanted or convert_all:
+                out[index] = frame.to_ndarray(format="rgb24")
+            if index >= last and not convert_all:
+                break
+            previous = frame
+    if previous is None and not out:
+        if by_pts:
+            return None
+        raise ValueError(f"{path}: no frames decoded")
+    if len(out) < len(wanted):  # the video ended first: every index past its end gets its last frame
+        tail = out[index] if index in out else previous.to_ndarray(format="rgb24")
+        out.update({i: tail for i in wanted if i not in out})
+    return out
+
+
+def video_num_frames(path):
+    """Frame count from the container, else estimated from duration x rate (webm/mkv carry no count)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        if stream.frames > 0:
+            return stream.frames
+        seconds = (stream.duration * stream.time_base if stream.duration and stream.time_base
+                   else (container.duration or 0) / av.time_base)
+        if seconds and stream.average_rate:
+            return max(1, round(seconds * stream.average_rate))
+        return sum(1 for packet in container.demux(stream) if packet.size)  # nothing to estimate from: count
+
+
+def write_video(path, frames, fps=30, codec="libx264", options=None):
+    """Write uint8 frames (T, H, W, 3) with PyAV; `options` go to the encoder (e.g. {"crf": "18", "g": "12"})."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def load_video_list(list_path, data_root=""):
+    """[(absolute path, label)] from lines `path label` (space or comma); files listed but missing are skipped."""
+    videos = []
+    with open(list_path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.strip().split("," if "," in line else None)
+            if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
+                raise ValueError(f"{list_path}:{line_number}: expected 'path label', got {line.strip()!r}")
+            videos.append((os.path.abspath(os.path.join(data_root, fields[0].strip())), int(fields[1])))
+    missing = [path for path, _ in videos if not os.path.exists(path)]
+    if missing:
+        print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist and are skipped, "
+              f"e.g. {', '.join(missing[:3])}", flush=True)
+    missing = set(missing)
+    return [(path, label) for path, label in videos if path not in missing]
+
+
+# ----------------------------------------------------------------------------------------------- sampling and masks
+
+def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", view=None, num_views=1):
+    """Frame indices of one clip. view=None: random (training); else view `view` of `num_views` (testing).
+
+    dense: num_frames frames every sampling_rate frames; random start, or starts evenly spaced over the video
+      (the official test loader takes every sampling_rate-th frame and spaces num_views windows over them).
+    segment (official SSv2): num_frames equal segments, one frame each, random in training; in testing view k takes
+      fraction (1/2 + k/num_views) mod 1 of every segment (centres first; with 2 views the official centres + starts).
+    A video shorter than the clip repeats its last frame.
+    """
+    n = num_video_frames
+    if sampling == "segment":
+        if n < num_frames:
+            return [min(i, n - 1) for i in range(num_frames)]
+        bounds = [i * n // num_frames for i in range(num_frames + 1)]
+        if view is None:
+            return [int(torch.randint(lo, hi, ())) for lo, hi in zip(bounds, bounds[1:])]
+        offset = (0.5 + view / num_views) % 1
+        return [int(n / num_frames * (i + offset)) for i in range(num_frames)]
+    if view is None:
+        span = (num_frames - 1) * sampling_rate + 1
+        start = int(torch.randint(max(n - span, 0) + 1, ()))
+    else:
+        num_strided = -(-n // sampling_rate)  # frames 0, r, 2r, ... that exist
+        start = sampling_rate * int(view * max(num_strided - num_frames, 0) / max(num_views - 1, 1))
+    return [min(start + sampling_rate * i, n - 1) for i in range(num_frames)]
+
+
+def tube_mask(grid, mask_ratio, generator=None):
+    """bool (t*h*w,), True = masked: one random spatial mask of int(ratio*h*w) cells, the same at every time step."""
+    t, h, w = grid
+    spatial = torch.zeros(h * w, dtype=torch.bool)
+    spatial[torch.randperm(h * w, generator=generator)[:int(mask_ratio * h * w)]] = True
+    return spatial.repeat(t)  # t-major flattening: the spatial pattern once per time step
+
+
+def random_mask(num_patches, mask_ratio, generator=None):
+    """bool (num_patches,), True = masked: keep int(num_patches * (1 - ratio)) random patches, as MAE."""
+    mask = torch.ones(num_patches, dtype=torch.bool)
+    mask[torch.randperm(num_patches, generator=generator)[:int(num_patches * (1 - mask_ratio))]] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+
+def normalize(frames):
+    """uint8 (T, 3, H, W) -> float (3, T, H, W), ImageNet-normalized."""
+    video = v2.functional.to_dtype(frames, torch.float32, scale=True)
+    return v2.functional.normalize(video, IMAGENET_MEAN, IMAGENET_STD).transpose(0, 1)
+
+
+def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
+    """(top, left, crop_h, crop_w) as the official GroupMultiScaleCrop (VideoMAE/MVD pretraining, fix_crop).
+
+    Crop sides are fractions of the short side (snapped to `size` when within 2 px), height and width at most one
+    scale step apart; the offset is one of 13 fixed points (corners, centre, edge centres, quarter points).
+    """
+    sides = [int(min(height, width) * s) for s in scales]
+    sides = [size if abs(s - size) < 3 else s for s in sides]
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    crop_h, crop_w = pairs[int(torch.randint(len(pairs), ()))]
+    points = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
+    row, col = points[int(torch.randint(len(points), ()))]  # in quarters of the free space
+    return row * ((height - crop_h) // 4), col * ((width - crop_w) // 4), crop_h, crop_w
+
+
+def finetune_augmentation(input_size, flip=True):
+    """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames.
+
+    torchvision's RandAugment(4, 7) stands in for timm's "rand-m7-n4-mstd0.5-inc1" (no magnitude noise, slightly
+    different op set). Random erasing fills its box with normal noise, the same box and noise in every frame.
+    """
+    return v2.Compose([
+        v2.RandAugment(num_ops=4, magnitude=7),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomResizedCrop(input_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        *([v2.RandomHorizontalFlip(p=0.5)] if flip else []),  # off for SSv2: left and right are in its labels
+        v2.RandomErasing(p=0.25, value="random"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------- bad files
+
+class TooManyBadVideos(RuntimeError):
+    """Raised past --max_bad_videos. One string argument, so the DataLoader can re-raise it from a worker."""
+
+
+class BadFileLog:
+    """Unreadable files: printed once by path, appended to output_dir/bad_videos.txt, counted.
+
+    Workers are separate processes, so the shared count is the number of unique paths in the file (or, without
+    output_dir, those this process has seen).
+    """
+
+    def __init__(self, output_dir, limit, num_files):
+        self.file = os.path.join(output_dir, "bad_videos.txt") if output_dir else None
+        self.limit, self.num_files, self.seen = limit, num_files, set()
+
+    def add(self, path, error):
+        known = set(self.seen)
+        if self.file and os.path.exists(self.file):
+            with open(self.file) as f:
+                known |= {line.rstrip("\n") for line in f if line.strip()}
+        if path not in known:
+            message = str(error).splitlines()[0] if str(error) else ""
+            print(f"skipping unreadable file {path} ({type(error).__name__}: {message})", flush=True)
+            if self.file:
+                os.makedirs(os.path.dirname(self.file), exist_ok=True)
+                with open(self.file, "a") as f:
+                    f.write(path + "\n")
+        self.seen.add(path)
+        known.add(path)
+        if len(known) > self.limit or len(known) >= self.num_files:
+            where = f" (all in {self.file})" if self.file else ""
+            raise TooManyBadVideos(
+                f"{len(known)} unreadable files, more than the limit of {self.limit} or all of them{where}: "
+                f"{', '.join(sorted(known)[:5])}{', ...' if len(known) > 5 else ''}; re-encode or remove them "
+                f"from the list, or raise --max_bad_videos")
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of every random choice of one sample: a function of (seed, epoch, index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+class SeededDataset(Dataset):
+    """Items are indexed by (index, epoch); each is computed under its own seed in a forked RNG, so the caller's
+    RNG is untouched (num_workers=0) and nothing depends on the worker or rank that computes it."""
+
+    def __init__(self, items, seed, output_dir, max_bad_videos):
+        if not items:
+            raise ValueError("no readable files listed")
+        self.items, self.seed = items, seed
+        limit = max(10, len(items) // 100) if max_bad_videos is None else max_bad_videos
+        self.bad = BadFileLog(output_dir, limit, len(items))
+        self.reader = read_frames  # the benchmark swaps in read_frames(..., decode_all=True)
+        self._num_frames = {}  # path -> frame count, per worker
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.get(index)
+
+    def num_frames_of(self, path):
+        if path not in self._num_frames:
+            self._num_frames[path] = video_num_frames(path)
+        return self._num_frames[path]
+
+    def read_good(self, index, read):
+        """(index, read(path)) for the first readable file, drawing replacements from the sample's generator."""
+        while True:
+            path = self.items[index][0]
+            if path not in self.bad.seen:
+                try:
+                    return index, read(path)
+                except UNREADABLE as error:
+                    self.bad.add(path, error)
+            index = int(torch.randint(len(self.items), ()))
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+class VideoDataset(SeededDataset):
+    """Clips of the videos of a list file, for pretraining, fine-tuning ("train") or multi-view testing ("test")."""
+
+    def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
+                 input_size=224, teacher_input_size=None, mask_ratio=0.9, tubelet_size=2, patch_size=16,
+                 num_sample=1, flip=True, test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0,
+                 output_dir=None, max_bad_videos=None):
+        assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
+        super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos)
+        self.mode, self.num_frames, self.sampling_rate, self.sampling = mode, num_frames, sampling_rate, sampling
+        self.input_size, self.mask_ratio, self.num_sample = input_size, mask_ratio, num_sample
+        self.teacher_input_size = teacher_input_size if teacher_input_size not in (None, input_size) else None
+        self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
+        self.test_num_segment, self.test_num_crop, self.short_side_size = test_num_segment, test_num_crop, short_side_size
+        self.augment = finetune_augmentation(input_size, flip) if mode == "train" else None
+
+    def __len__(self):
+        return len(self.items) * (self.test_num_segment * self.test_num_crop if self.mode == "test" else 1)
+
+    def read_clip(self, path, view=None):
+        """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing)."""
+        indices = clip_indices(self.num_frames_of(path), self.num_frames, self.sampling_rate, self.sampling,
+                               view, self.test_num_segment)
+        return self.reader(path, indices).permute(0, 3, 1, 2)
+
+    def get(self, index):
+        if self.mode == "test":
+            return self.get_view(index)
+        index, frames = self.read_good(index, self.read_clip)
+        if self.mode == "train":  # num_sample augmented copies of one decoded clip (repeated augmentation)
+            copies = [self.augment(tv_tensors.Video(frames)).transpose(0, 1) for _ in range(self.num_sample)]
+            return {"video": torch.stack(copies).as_subclass(torch.Tensor), "label": self.items[index][1],
+                    "index": index}  # (num_sample, 3, T, S, S)
+        top, left, height, width = multi_scale_crop_box(*frames.shape[-2:], self.input_size)
+        crop = functools.partial(v2.functional.resized_crop, frames, top, left, height, width, antialias=True)
+        sample = {"video": normalize(crop([self.input_size] * 2)),  # (3, T, S, S)
+                  "mask": tube_mask(self.grid, self.mask_ratio), "index": index}
+        if self.teacher_input_size:  # the same region for a teacher with another input size
+            sample["teacher_video"] = normalize(crop([self.teacher_input_size] * 2))
+        return sample
+
+    def get_view(self, index):
+        """Test view: clip `index // crops % segments`, short side resized, crop `index % crops` along the long side."""
+        views = self.test_num_segment * self.test_num_crop
+        video, view = divmod(index, views)
+        path, label = self.items[video]
+        sample = {"label": label, "index": video, "view": view, "ok": True}
+        try:
+            frames = self.read_clip(path, view // self.test_num_crop)
+        except UNREADABLE as error:
+            self.bad.add(path, error)
+            size = self.input_size
+            return {"video": torch.zeros(3, self.num_frames, size, size), **sample, "ok": False}
+        frames = v2.functional.resize(frames, [self.short_side_size], antialias=True)  # short side
+        s, (height, width) = self.short_side_size, frames.shape[-2:]
+        crop = view % self.test_num_crop
+        start = int(crop * (max(height, width) - s) / (self.test_num_crop - 1)) if self.test_num_crop > 1 \
+            else (max(height, width) - s) // 2
+        frames = frames[..., start:start + s, :] if height > width else frames[..., start:start + s]
+        if s != self.input_size:  # the official code assumes short_side_size == input_size
+            frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=True)
+        return {"video": normalize(frames), **sample}
+
+
+class ImageDataset(SeededDataset):
+    """Image-MAE data: an ImageFolder root, or a video list (one random frame per item); RandomResizedCrop(0.2-1,
+    bicubic) + flip + normalize as MAE; item {"image": (3, S, S), "mask": bool (L,), "index"}."""
+
+    def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, seed=0,
+                 output_dir=None, max_bad_videos=None):
+        self.from_videos = not os.path.isdir(data_path)
+        items = (load_video_list(data_path, data_root) if self.from_videos
+                 else torchvision.datasets.ImageFolder(data_path).samples)
+        super().__init__(items, seed, output_dir, max_bad_videos)
+        self.num_patches, self.mask_ratio = (input_size // patch_size) ** 2, mask_ratio
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def __len__(self):
+        return len(self.items)
+
+    def read_image(self, path):
+        """uint8 (3, H, W)."""
+        if not self.from_videos:
+            return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        frame = int(torch.randint(self.num_frames_of(path), ()))
+        return self.reader(path, [frame])[0].permute(2, 0, 1)
+
+    def get(self, index):
+        index, image = self.read_good(index, self.read_image)
+        image = self.augment(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        return {"image": image, "mask": random_mask(self.num_patches, self.mask_ratio), "index": index}
+
+
+# ------------------------------------------------------------------------------------------- loaders and mixing
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (order from seed + epoch, rank r takes every world_size-th index) yielding (index, epoch),
+    so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch."""
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,
+                device_type="cpu"):
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last)
+    # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                      pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
+    """Like timm's Mixup in the official code: per batch, mixup or cutmix with probability 1/2 each (the same box in
+    every frame), soft targets with label smoothing. Uses the global RNG. timm mixes each sample with the batch
+    reversed, torchvision with the batch rolled by one: the same distribution."""
+    choices = [mix(alpha=alpha, num_classes=num_classes)
+               for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    mix = v2.RandomChoice(choices) if choices else None
+
+    def apply(video, labels):
+        """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
+        if mix:  # torchvision takes videos as (B, T, 3, H, W)
+            mixed, targets = mix(tv_tensors.Video(video.transpose(1, 2)), labels)
+            video = mixed.as_subclass(torch.Tensor).transpose(1, 2)
+        else:
+            targets = F.one_hot(labels, num_classes).float()
+        # smoothing commutes with mixing: (1 - e) * mixed one-hot + e / K is what timm computes
+        return video, targets * (1 - label_smoothing) + label_smoothing / num_classes
+
+    return apply
+
+
+# ----------------------------------------------------------------------------------------------- synthetic set
+
+SHAPES, TEXTURES = ("disk", "square"), ("stripes", "checker")  # appearance label = 2 * shape + texture
+MOTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # motion label = position here
+
+
+def render_video(rng, height, width, num_frames, appearance, motion, background_step=(0, 0), noise=0.0):
+    """uint8 (T, H, W, 3): a textured object (appearance 0-3) moving by `motion` (0-3) over a textured background.
+
+    Everything lives on a torus: the object starts at a uniformly random position and wraps around at one speed,
+    so any single frame has the same distribution whatever the motion; only frame-to-frame change reveals it.
+    """
+    shape, texture = SHAPES[appearance // 2], TEXTURES[appearance % 2]
+    y, x = np.mgrid[:height, :width] - np.array([height // 2, width // 2])[:, None, None]
+    # background: two random colours blended by smooth noise (random low-res field, bicubic upsampled)
+    field = F.interpolate(torch.from_numpy(rng.random((1, 1, height // 8 + 2, width // 8 + 2))),
+                          size=(height, width), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
+    colours = rng.integers(0, 256, (2, 3))
+    background = field[..., None] * colours[0] + (1 - field[..., None]) * colours[1]
+    # object: disk or square of equal area, striped or checkered with a random period, phase and two colours
+    radius = min(height, width) * rng.uniform(0.16, 0.24)
+    inside = (x ** 2 + y ** 2 <= radius ** 2) if shape == "disk" else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
+    period, phase = rng.integers(3, 6), rng.integers(0, 6)
+    bits = (y + phase) // period if texture == "stripes" else (y + phase) // period + (x + phase) // period
+    colours = rng.integers(0, 256, (2, 3))
+    pattern = np.where((bits % 2 == 0)[..., None], colours[0], colours[1])
+    start = rng.integers(0, [height, width])
+    step, speed = np.array(list(MOTIONS.values())[motion]), max(1, round(min(height, width) / 32))
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        dy, dx = start + t * speed * step
+        by, bx = t * np.array(background_step)
+        frame = np.where(np.roll(inside, (dy, dx), (0, 1))[..., None], np.roll(pattern, (dy, dx), (0, 1)),
+                         np.roll(background, (by, bx), (0, 1)))
+        if noise:
+            frame = frame + rng.normal(0, noise, frame.shape)
+        frames[t] = frame.clip(0, 255)
+    return frames
+
+
+def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, seed=0, val_fraction=0.25):
+    """Write H.264 videos under root/videos and the lists root/all.csv, root/{appearance,motion}/{train,val}.csv
+    (paths relative to root: use data_root=root). Reuses a complete set made with the same parameters."""
+    params = dict(version=1, num_videos=num_videos, num_frames=num_frames, size=size, fps=fps, seed=seed,
+                  val_fraction=val_fraction)
+    paths = {"root": root, "all": os.path.join(root, "all.csv")}
+    for task in ("appearance", "motion"):
+        for split in ("train", "val"):
+            paths[f"{task}_{split}"] = os.path.join(root, task, f"{split}.csv")
+    marker = os.path.join(root, "synthetic.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return paths
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, (num_videos, 2))  # (appearance, motion), drawn independently
+    is_val = np.zeros(num_videos, bool)
+    is_val[rng.permutation(num_videos)[:round(val_fraction * num_videos)]] = True
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    names = [f"videos/{i:04d}.mp4" for i in range(num_videos)]
+    for i, name in enumerate(names):
+        frames = render_video(np.random.default_rng([seed, i]), size, size, num_frames, *labels[i])
+        write_video(os.path.join(root, name), frames, fps, options={"crf": "18", "preset": "veryfast"})
+    with open(paths["all"], "w") as f:
+        f.writelines(f"{name} 0\n" for name in names)  # pretraining ignores the label
+    for column, task in enumerate(("appearance", "motion")):
+        os.makedirs(os.path.join(root, task), exist_ok=True)
+        for split, in_split in (("train", ~is_val), ("val", is_val)):
+            with open(paths[f"{task}_{split}"], "w") as f:
+                f.writelines(f"{names[i]} {labels[i, column]}\n" for i in np.flatnonzero(in_split))
+    with open(marker + ".tmp", "w") as f:  # written last: its presence means the set is complete
+        json.dump(params, f)
+    os.replace(marker + ".tmp", marker)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+
+def benchmark_set(root, num_videos=10):
+    """10-second 340x256 30-fps H.264 videos (x264 defaults: keyframes 250 frames apart), made once."""
+    list_path, marker = os.path.join(root, "bench.csv"), os.path.join(root, "bench.json")
+    if not os.path.exists(marker):
+        os.makedirs(root, exist_ok=True)
+        for i in range(num_videos):  # a panning background and sensor noise give realistic bitrates
+            rng = np.random.default_rng(i)
+            frames = render_video(rng, 256, 340, 300, i % 4, i // 4 % 4, background_step=(0, 1), noise=4.0)
+            write_video(os.path.join(root, f"{i}.mp4"), frames, fps=30)
+        with open(list_path, "w") as f:
+            f.writelines(f"{i}.mp4 0\n" for i in range(num_videos))
+        with open(marker, "w") as f:
+            json.dump({"num_videos": num_videos}, f)
+    return list_path, root
+
+
+def benchmark(data_path, data_root, num_clips=40):
+    """Clips/s of the pretraining path (decode + sample + distillation transform + mask), one process, both ways."""
+    dataset = VideoDataset(data_path, data_root, mode="pretrain", num_frames=16, sampling_rate=4, input_size=224)
+    result = {}
+    for key, reader in (("clips_per_s", read_frames),
+                        ("decode_all_clips_per_s", functools.partial(read_frames, decode_all=True))):
+        dataset.reader = reader
+        dataset[(0, 0)]  # warm-up
+        begin = time.perf_counter()
+        for i in range(num_clips):
+            dataset[(i % len(dataset), i // len(dataset))]
+        result[key] = round(num_clips / (time.perf_counter() - begin), 2)
+    result["speedup"] = round(result["clips_per_s"] / result["decode_all_clips_per_s"], 2)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Data pipeline of MVD-minimal; --bench measures its speed.")
+    parser.add_argument("--bench", action="store_true", help="print one JSON line of clips/s")
+    parser.add_argument("--data_path", help="video list to benchmark on; default: generated 10-s 340x256 videos")
+    parser.add_argument("--data_root", default="", help="directory the list's paths are relative to")
+    parser.add_argument("--num_clips", type=int, default=40, help="clips timed per reading method")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    if args.data_path is None:
+        args.data_path, args.data_root = benchmark_set(os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))
+    print(json.dumps(benchmark(args.data_path, args.data_root, args.num_clips)))

@@ -1,0 +1,231 @@
+"""Stage 2, the method itself: masked video distillation with spatial-temporal co-teaching.
+
+A student video ViT sees 10% of a clip's space-time tubes. Two shallow decoders predict, at every masked tube, the
+features that two frozen teachers compute on the whole clip: the image teacher (an image MAE, run on every tubelet-th
+frame) carries spatial knowledge, the video teacher (a VideoMAE) temporal knowledge.
+
+    loss = w_img * SmoothL1(pred_img, image_teacher(clip)[masked]) + w_vid * SmoothL1(pred_vid, video_teacher(clip)[masked])
+
+    torchrun --nproc_per_node 8 distill.py --model vit_base --data_path k400/train.csv --data_root k400 \\
+        --image_teacher mae_pretrain_vit_base.pth --video_teacher videomae_k400_pretrain_base.pth
+    torchrun distill.py --model vit_base     # no --data_path: a demo on the synthetic set, minutes on a CPU
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import (VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, bench_steps, load_checkpoint,
+                   param_groups, read_checkpoint, resume, save_training_state, setup_distributed, train_one_epoch)
+
+# Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
+OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
+DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8, sampling_rate=2)
+LOSSES = {"SmoothL1": F.smooth_l1_loss, "L2": F.mse_loss, "L1": F.l1_loss}  # SmoothL1 with beta 1, as the official
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="student size")
+    p.add_argument("--depth", type=int, help="override the student's depth (small test configs)")
+    p.add_argument("--decoder_depth", type=int, default=2, help="blocks of each feature decoder")
+    p.add_argument("--feat_decoder_embed_dim", type=int, help="decoder width (default: the student's; 512 for ViT-L)")
+    p.add_argument("--feat_decoder_num_heads", type=int, help="decoder heads (default: the student's)")
+    p.add_argument("--mask_ratio", type=float, default=0.9, help="fraction of tubes hidden from the student")
+    p.add_argument("--image_teacher", help="image MAE checkpoint (official MAE layout or ours); default: "
+                                           "output/image_mae/checkpoint-last.pth if it exists, else random (smoke test)")
+    p.add_argument("--video_teacher", help="VideoMAE checkpoint; default: output/video_mae/checkpoint-last.pth")
+    p.add_argument("--image_teacher_model", choices=list(VIT_SIZES),
+                   help="image teacher size (default: the size saved in our checkpoint, else vit_base)")
+    p.add_argument("--video_teacher_model", choices=list(VIT_SIZES), help="video teacher size (as above)")
+    p.add_argument("--teacher_patch_size", type=int, default=16, help="image teacher patch (14 for MAE-H)")
+    p.add_argument("--teacher_input_size", type=int, help="teachers' input size (196 for MAE-H); default input_size")
+    p.add_argument("--image_teacher_loss_weight", type=float, default=1.0, help="0 = video teacher only")
+    p.add_argument("--video_teacher_loss_weight", type=float, default=1.0, help="0 = image teacher only")
+    p.add_argument("--distill_loss_func", choices=list(LOSSES), default="SmoothL1")
+    p.add_argument("--norm_feature", action=argparse.BooleanOptionalAction, default=False,
+                   help="LayerNorm (no affine) on each teacher feature (off in the official scripts)")
+    p.add_argument("--data_path", help="video list ('path label' lines); omitted: the synthetic demo set")
+    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
+    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
+    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
+    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="per process")
+    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
+    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * total batch / 256")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=1e-5,
+                   help="end of the cosine, scaled by total batch / 256 (the 400-epoch official scripts pass 1e-4)")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
+    p.add_argument("--drop_path", type=float, default=0.1)
+    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing of the student's blocks: less memory, ~30%% more time")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
+                        "CPUs with bf16 matrix units)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="output/distill")
+    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    p.add_argument("--resume", default="", help="a training checkpoint to continue from")
+    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
+    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    args = p.parse_args(argv)
+    for key, value in (OFFICIAL if args.data_path else DEMO).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.teacher_input_size = args.teacher_input_size or args.input_size
+    if args.precision == "auto":
+        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+    if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
+        p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
+                "--video_teacher_loss_weight above 0")
+    if args.input_size % 16 or args.num_frames % 2 or args.teacher_input_size % args.teacher_patch_size:
+        p.error("--input_size must be a multiple of 16, --num_frames even and --teacher_input_size a multiple of "
+                "--teacher_patch_size")
+    return args
+
+
+def build_teacher(kind, args, device):
+    """A frozen teacher in eval mode, encoder only: weights from --{kind}_teacher, else from pretrain_mae.py's default
+    output, else random weights (a smoke test, said loudly). Its size comes from the flag, else from our checkpoint."""
+    path = getattr(args, f"{kind}_teacher")
+    default = os.path.join("output", f"{kind}_mae", "checkpoint-last.pth")
+    if path is None and os.path.exists(default):
+        path = default
+    saved = read_checkpoint(path).get("args", {}) if path else {}
+    size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
+    depth = saved.get("depth")  # our small test configs record their depth
+    if kind == "image":
+        teacher = ImageMAE(size, args.teacher_input_size, args.teacher_patch_size, decoder_depth=0, depth=depth)
+    else:
+        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, decoder_depth=0, depth=depth)
+    if path:
+        print(f"{kind} teacher {size} from {path}")
+        load_checkpoint(teacher, path)
+    else:
+        print(f"WARNING: no {kind} teacher given and none in {default}: using a RANDOMLY INITIALISED {kind} teacher. "
+              "This run is a smoke test, not distillation: train one with pretrain_mae.py or pass --"
+              f"{kind}_teacher PATH", flush=True)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def teacher_features(teacher, video, norm_feature):
+    """Features of a frozen teacher on the whole clip, (B, N, D) in the student's tube order. The image teacher sees
+    every tubelet-th frame (0, 2, 4, ...) as a batch of images; the video teacher the clip itself."""
+    feats = teacher.video_features(video) if isinstance(teacher, ImageMAE) else teacher.teacher_features(video)
+    return F.layer_norm(feats, feats.shape[-1:]) if norm_feature else feats
+
+
+def mvd_loss(pred, feats, mask, loss_func):
+    """Distillation loss of one teacher at the masked tubes. pred (B, N_mask, D), feats (B, N, D), mask (B, N)."""
+    target = feats[mask].reshape(pred.shape)  # indexing leaves inference mode: a normal tensor, safe for autograd
+    return LOSSES[loss_func](pred.float(), target.float())
+
+
+def main(args):
+    # 1. Devices and DDP
+    env = setup_distributed(args.precision)
+    # 2. Teachers (frozen, only those with a loss weight) and the student
+    weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
+    teachers = {name: build_teacher(kind, args, env.device)
+                for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
+    raw = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth,
+                     img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
+                     vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,
+                     decoder_dim=args.feat_decoder_embed_dim, decoder_heads=args.feat_decoder_num_heads,
+                     drop_path=args.drop_path, use_checkpoint=args.use_checkpoint, depth=args.depth).to(env.device)
+    model = raw  # DDP-wrapped below, once the checkpoint is restored
+
+    def loss_fn(batch):
+        video, mask = batch["video"].to(env.device, non_blocking=True), batch["mask"].to(env.device, non_blocking=True)
+        teacher_video = batch["teacher_video"].to(env.device) if "teacher_video" in batch else video
+        preds = dict(zip(("img", "vid"), model(video, mask)))
+        losses = {name: mvd_loss(preds[name], teacher_features(t, teacher_video, args.norm_feature), mask,
+                                 args.distill_loss_func) for name, t in teachers.items()}
+        return sum(weights[n] * losses[n] for n in losses), {f"loss_{n}": v.item() for n, v in losses.items()}
+
+    if args.bench:
+        return bench(args, env, raw, teachers, loss_fn)
+    # 3. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
+    if args.data_path is None:
+        print(f"no --data_path: demo run on the synthetic set in {args.synthetic_root} "
+              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
+        data.make_synthetic_set(args.synthetic_root)
+        args.data_path, args.data_root = os.path.join(args.synthetic_root, "all.csv"), args.synthetic_root
+    os.makedirs(args.output_dir, exist_ok=True)
+    dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
+                                sampling_rate=args.sampling_rate, input_size=args.input_size,
+                                teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
+                                seed=args.seed, output_dir=args.output_dir, max_bad_videos=args.max_bad_videos)
+    loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
+                              num_workers=args.num_workers, device_type=env.device.type)
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
+    total_batch = args.batch_size * args.update_freq * env.world_size
+    args.lr = args.lr or args.blr * total_batch / 256
+    args.min_lr = args.min_lr * total_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    start_epoch = resume(args, raw, optimizer, env.scaler)
+    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    if env.is_main:
+        print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
+              f"({env.world_size} x {args.batch_size} x {args.update_freq}), lr {args.lr:.3g}, "
+              f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
+    # 5. Loop: one checkpoint per epoch, written atomically; its 'model' loads into the official MVD student
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn)
+        if env.is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
+            save_training_state(args, raw, optimizer, env.scaler, epoch)
+    if env.is_main:
+        print(f"done: student checkpoint in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
+    return raw
+
+
+def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
+    """Distillation steps on random clips (no data loading): one JSON line with time, memory and FLOP figures."""
+    from torch.utils.flop_counter import FlopCounterMode
+    B, S, T = args.batch_size, args.input_size, args.num_frames
+    grid = (T // 2, S // 16, S // 16)
+    batch = {"video": torch.randn(B, 3, T, S, S), "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())}
+    batch["mask"] = batch["mask"][None].expand(B, -1)
+    if args.teacher_input_size != S:
+        batch["teacher_video"] = torch.randn(B, 3, T, args.teacher_input_size, args.teacher_input_size)
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    autocast = dict(device_type=env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32)
+
+    def step():
+        with torch.autocast(**autocast):
+            loss = loss_fn(batch)[0]
+        env.scaler.scale(loss).backward()
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    result = bench_steps(step, args.bench, B)
+    a = torch.randn(2048, 2048, dtype=env.dtype, device=env.device)
+    matmul = bench_steps(lambda: a @ a, 5, 1)["step_s"]
+    gflop = counter.get_total_flops() / 1e9 / B
+    print(json.dumps({"model": args.model, "teachers": {n: type(t).__name__ for n, t in teachers.items()},
+                      "precision": args.precision, "batch_size": B, "frames": T, "input_size": S, **result,
+                      "gflop_per_clip": round(gflop, 1), "achieved_gflops": round(gflop * result["clips_per_s"], 1),
+                      "matmul_gflops": round(2 * 2048 ** 3 / matmul / 1e9, 1)}))
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
+        sys.exit(f"distill.py: error: {e}")

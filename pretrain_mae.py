@@ -1,0 +1,159 @@
+"""Stage 1: pretrain the two teachers by masked reconstruction of normalized pixels.
+
+    --mode image   image MAE on single frames (or an image folder), 75% random masking  -> the image teacher
+    --mode video   VideoMAE on clips of 2x16x16 tubes, 90% tube masking                  -> the video teacher
+
+    torchrun --nproc_per_node 8 pretrain_mae.py --mode video --model vit_base --data_path k400/train.csv --data_root k400
+    python pretrain_mae.py --mode image          # no --data_path: a demo on the synthetic set, a few minutes on a CPU
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import data
+from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, bench_steps, param_groups, resume,
+                   save_training_state, setup_distributed, train_one_epoch)
+
+# Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
+OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
+DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8, sampling_rate=2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["image", "video"], default="video", help="which teacher to train")
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
+    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
+    p.add_argument("--patch_size", type=int, default=16, help="14 for an image MAE-H at 196 px")
+    p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
+    p.add_argument("--data_path", help="video list ('path label' lines) or, for --mode image, an image folder; "
+                                       "omitted: the synthetic demo set")
+    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
+    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
+    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
+    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="per process")
+    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
+    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * total batch / 256")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=1e-5, help="end of the cosine, scaled by total batch / 256 too")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
+    p.add_argument("--drop_path", type=float, default=0.0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
+                        "CPUs with bf16 matrix units)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", help="default output/{mode}_mae, where distill.py looks for teachers")
+    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    p.add_argument("--resume", default="", help="a training checkpoint to continue from")
+    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
+    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random tensors and exit")
+    args = p.parse_args(argv)
+    for key, value in (OFFICIAL if args.data_path else DEMO).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mask_ratio = args.mask_ratio if args.mask_ratio is not None else {"image": 0.75, "video": 0.9}[args.mode]
+    args.output_dir = args.output_dir or os.path.join("output", f"{args.mode}_mae")
+    if args.precision == "auto":
+        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+    if args.input_size % args.patch_size or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
+                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
+    return args
+
+
+def main(args):
+    # 1. Devices and DDP
+    env = setup_distributed(args.precision)
+    video = args.mode == "video"
+    # 2. Model
+    if video:
+        raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, drop_path=args.drop_path,
+                       depth=args.depth)
+    else:
+        raw = ImageMAE(args.model, args.input_size, args.patch_size, drop_path=args.drop_path, depth=args.depth)
+    raw.to(env.device)
+    if args.bench:
+        return bench(args, env, raw)
+    # 3. Data: clips with a tube mask, or single frames / images with a random mask
+    if args.data_path is None:
+        print(f"no --data_path: demo run on the synthetic set in {args.synthetic_root} "
+              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
+        data.make_synthetic_set(args.synthetic_root)
+        args.data_path, args.data_root = os.path.join(args.synthetic_root, "all.csv"), args.synthetic_root
+    os.makedirs(args.output_dir, exist_ok=True)
+    common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size, seed=args.seed,
+                  output_dir=args.output_dir, max_bad_videos=args.max_bad_videos)
+    if video:
+        dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
+                                    sampling_rate=args.sampling_rate, **common)
+    else:
+        dataset = data.ImageDataset(args.data_path, args.data_root, **common)
+    loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
+                              num_workers=args.num_workers, device_type=env.device.type)
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
+    total_batch = args.batch_size * args.update_freq * env.world_size
+    args.lr = args.lr or args.blr * total_batch / 256
+    args.min_lr = args.min_lr * total_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    start_epoch = resume(args, raw, optimizer, env.scaler)
+    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    if env.is_main:
+        print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
+              f"{args.update_freq}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
+
+    def loss_fn(batch):
+        if video:
+            return model(batch["video"].to(env.device), batch["mask"].to(env.device))[0], {}
+        return model(batch["image"].to(env.device), mask=batch["mask"].to(env.device))[0], {}
+
+    # 5. Loop: one checkpoint per epoch, written atomically
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn)
+        if env.is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
+            save_training_state(args, raw, optimizer, env.scaler, epoch)
+    if env.is_main:
+        print(f"done: teacher weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
+    return raw
+
+
+def bench(args, env, model):
+    """Training steps on random tensors: no data loading, one JSON line."""
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    B, S, grid = args.batch_size, args.input_size, (args.num_frames // 2, args.input_size // args.patch_size)
+    if args.mode == "video":
+        inputs = torch.randn(B, 3, args.num_frames, S, S, device=env.device)
+        visible = torch.randperm(grid[1] ** 2)[: grid[1] ** 2 - int(args.mask_ratio * grid[1] ** 2)]
+        mask = torch.ones(grid[1] ** 2, dtype=torch.bool)
+        mask[visible] = False
+        kwargs = dict(mask=mask.repeat(grid[0])[None].expand(B, -1).to(env.device))
+    else:
+        inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
+
+    def step():
+        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+            loss = model(inputs, **kwargs)[0]
+        env.scaler.scale(loss).backward()
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    print(json.dumps({"mode": args.mode, "model": args.model, "precision": args.precision, "batch_size": B,
+                      **bench_steps(step, args.bench, B)}))
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
+        sys.exit(f"pretrain_mae.py: error: {e}")
