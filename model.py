@@ -10,9 +10,11 @@ Conventions, said once here:
     Teacher features are the output of the last block *before* the final norm, as in the official code.
     Parameter names are the official MAE / VideoMAE / MVD ones, so checkpoints interchange in both directions.
 """
+import argparse
 import contextlib
 import math
 import os
+import re
 import time
 from types import SimpleNamespace
 
@@ -446,12 +448,14 @@ def to_timm_layout(state_dict):
 
 def read_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # the official training scripts also pickle their argparse.Namespace: that much is allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist: check the path") from None
     except Exception as e:  # truncated files, pickles that would run code, non-checkpoint files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch's message carries terminal colour codes
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ValueError(f"cannot read checkpoint {path} as plain weights ({first}); it is damaged or not a PyTorch "
                          "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
 
@@ -471,14 +475,18 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     for key, value in state.items():
         while key.startswith(PREFIXES):
             key = key.split(".", 1)[1]
-        if key.startswith("encoder.") and not wants_encoder_prefix:
-            key = key[len("encoder."):]
-        elif wants_encoder_prefix and "encoder." + key in own:
-            key = "encoder." + key
+        if is_position_table(key):
+            continue
         if key.endswith("attn.qkv.bias"):  # timm layout: split into q and v parts, the key part cannot matter
             q, _, v = value.chunk(3)
-            clean[key[:-len("qkv.bias")] + "q_bias"], clean[key[:-len("qkv.bias")] + "v_bias"] = q, v
-        elif not is_position_table(key):
+            pieces = {key[:-len("qkv.bias")] + "q_bias": q, key[:-len("qkv.bias")] + "v_bias": v}
+        else:
+            pieces = {key: value}
+        for key, value in pieces.items():
+            if key.startswith("encoder.") and not wants_encoder_prefix:
+                key = key[len("encoder."):]
+            elif wants_encoder_prefix and "encoder." + key in own:
+                key = "encoder." + key
             clean[key] = value
     for key, value in clean.items():
         if key in own and own[key].shape != value.shape:
@@ -508,11 +516,16 @@ def save_checkpoint(path, **state):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, killed mid-write: leave no half file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
