@@ -123,7 +123,7 @@ def teacher_features(teacher, video, norm_feature):
     """Features of a frozen teacher on the whole clip, (B, N, D) in the student's tube order. The image teacher sees
     every tubelet-th frame (0, 2, 4, ...) as a batch of images; the video teacher the clip itself."""
     feats = teacher.video_features(video) if isinstance(teacher, ImageMAE) else teacher.teacher_features(video)
-    return F.layer_norm(feats, feats.shape[-1:]) if norm_feature else feats
+    return F.layer_norm(feats, feats.shape[-1:], eps=1e-6) if norm_feature else feats  # as the official
 
 
 def mvd_loss(pred, feats, mask, loss_func):
@@ -135,6 +135,7 @@ def mvd_loss(pred, feats, mask, loss_func):
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args.precision)
+    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     # 2. Teachers (frozen, only those with a loss weight) and the student
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
     teachers = {name: build_teacher(kind, args, env.device)

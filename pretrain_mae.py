@@ -29,6 +29,8 @@ def get_args(argv=None):
     p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--patch_size", type=int, default=16, help="14 for an image MAE-H at 196 px")
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
+    p.add_argument("--decoder_depth", type=int, help="pixel decoder blocks (default: MAE 8; VideoMAE 4, 12 for L/H)")
+    p.add_argument("--decoder_dim", type=int, help="pixel decoder width (default: MAE 512; VideoMAE by size)")
     p.add_argument("--data_path", help="video list ('path label' lines) or, for --mode image, an image folder; "
                                        "omitted: the synthetic demo set")
     p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
@@ -64,6 +66,8 @@ def get_args(argv=None):
     args.output_dir = args.output_dir or os.path.join("output", f"{args.mode}_mae")
     if args.precision == "auto":
         args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+    if args.decoder_depth is not None and args.decoder_depth < 1:
+        p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     if args.input_size % args.patch_size or args.num_frames % 2:
         p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
                 f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
@@ -73,13 +77,16 @@ def get_args(argv=None):
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args.precision)
+    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     video = args.mode == "video"
     # 2. Model
     if video:
-        raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, drop_path=args.drop_path,
-                       depth=args.depth)
+        raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
+                       decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth)
     else:
-        raw = ImageMAE(args.model, args.input_size, args.patch_size, drop_path=args.drop_path, depth=args.depth)
+        raw = ImageMAE(args.model, args.input_size, args.patch_size, decoder_dim=args.decoder_dim or 512,
+                       decoder_depth=8 if args.decoder_depth is None else args.decoder_depth,
+                       drop_path=args.drop_path, depth=args.depth)
     raw.to(env.device)
     if args.bench:
         return bench(args, env, raw)

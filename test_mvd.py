@@ -3,9 +3,14 @@ only. Tests make their own videos (PyAV writes real files) and their own checkpo
 check numbers against independent computations. The run ends with one line `N passed, N failed`."""
 import contextlib
 import io
+import itertools
+import json
 import math
 import os
 import pickle
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -18,9 +23,12 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny configs: one thread is faster than two and deterministic
 
+import data  # noqa: E402
+import distill  # noqa: E402
 import model as M  # noqa: E402
+import pretrain_mae  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -900,6 +908,652 @@ class TestModelDropPath(unittest.TestCase):
         dp.eval()
         self.assertTrue(torch.equal(dp(x), x))
         self.assertTrue(torch.equal(M.DropPath(0.0).train()(x), x))
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Written out here on purpose (not imported from model.py): the targets below are an independent computation.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DDP_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "GROUP_RANK")
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+def make_data(root, num_videos=16):
+    """The synthetic set, small: 16 videos of 16 frames at 32 px. -> (list path, data root)."""
+    paths = data.make_synthetic_set(os.path.join(root, "synthetic"), num_videos=num_videos, num_frames=16, size=32)
+    return paths["all"], paths["root"]
+
+
+def flags(options):
+    """{'--epochs': 2, '--norm_feature': None} -> ['--epochs', '2', '--norm_feature'] (None = a bare switch)."""
+    argv = []
+    for key, value in options.items():
+        argv += [key] if value is None else [key, str(value)]
+    return argv
+
+
+FRESH = itertools.count(1000)
+
+
+def run_stage(stage, options, seed=None):
+    """get_args + main of a stage in this process, its stdout captured. -> (returned raw model, printed text).
+    The global RNG starts every call in another state (or `seed`), as in a new process: since torch 2.x a new
+    process's default generator is seeded at random, so a run must depend on --seed only, never on that state."""
+    out = io.StringIO()
+    torch.manual_seed(next(FRESH) if seed is None else seed)
+    with contextlib.redirect_stdout(out):
+        trained = stage.main(stage.get_args(flags(options)))
+    return trained, out.getvalue()
+
+
+def run_ddp(script, options, nproc=2):
+    """torchrun with nproc gloo processes on this CPU, one thread each. -> the completed process (text output)."""
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run(cmd + flags(options), cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_identical(test, a, b, where="checkpoint"):
+    """Bit-for-bit equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, dict):
+        test.assertIsInstance(b, dict, where)
+        test.assertEqual(sorted(map(str, a)), sorted(map(str, b)), f"{where}: different keys")
+        for key in a:
+            assert_identical(test, a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        test.assertEqual(len(a), len(b), where)
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(test, x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        test.assertTrue(torch.is_tensor(b), where)
+        test.assertEqual((a.dtype, a.shape), (b.dtype, b.shape), where)
+        test.assertTrue(torch.equal(a, b), f"{where}: differs by up to {(a.double() - b.double()).abs().max():.3g}")
+    else:
+        test.assertEqual(a, b, where)
+
+
+def max_weight_diff(test, a, b):
+    """Largest |a - b| over the float tensors of two state dicts with the same keys."""
+    test.assertEqual(sorted(a), sorted(b))
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def training_checkpoint(test, folder):
+    """The training checkpoint a stage left in folder, without its 'args' (they name the folder)."""
+    state = load(os.path.join(folder, "checkpoint-last.pth"))
+    test.assertEqual(sorted(state), ["args", "epoch", "model", "optimizer", "scaler"])
+    state.pop("args")
+    return state
+
+
+def optimizer_steps(state):
+    """Optimizer steps taken, read from the AdamW state of a checkpoint (every parameter has the same count)."""
+    counts = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert len(counts) == 1, counts
+    return counts.pop()
+
+
+def read_log(folder):
+    with open(os.path.join(folder, "log.txt")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Killed(Exception):
+    """Raised right after a stage's first checkpoint is written: the test's stand-in for SIGKILL."""
+
+
+def killed_after_first_checkpoint(stage):
+    real = stage.save_training_state
+
+    def save_then_die(args, model, optimizer, scaler, epoch):
+        real(args, model, optimizer, scaler, epoch)
+        if epoch == 0:
+            raise Killed
+
+    return mock.patch.object(stage, "save_training_state", save_then_die)
+
+
+def fixed_batch_loop(stage, steps, record):
+    """Replace the stage's train_one_epoch by `steps` optimizer steps on its loader's first batch, through the stage's
+    own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before backward."""
+
+    def loop(args, env, model, loader, optimizer, epoch, loss_fn):
+        batch = next(iter(loader))
+        model.train()
+        for i in range(steps):
+            loss, logs = loss_fn(batch)
+            record(i, loss, logs, batch, model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+    return mock.patch.object(stage, "train_one_epoch", loop)
+
+
+# ----------------------------------------------------------------------------- independent normalized-pixel targets
+
+def reference_video_targets(video, p, tubelet):
+    """VideoMAE's targets by the formula, one tube and one channel at a time in float64."""
+    v = video.double().numpy() * np.array(STD).reshape(1, 3, 1, 1, 1) + np.array(MEAN).reshape(1, 3, 1, 1, 1)
+    B, C, T, H, W = v.shape
+    out = []
+    for b in range(B):
+        tubes = []
+        for ti in range(T // tubelet):  # token order: time, then row, then column
+            for hi in range(H // p):
+                for wi in range(W // p):
+                    tube = v[b, :, ti * tubelet:(ti + 1) * tubelet, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p]
+                    values = np.empty((tubelet * p * p, C))  # rows in (p0 p1 p2) order, one column per channel
+                    for c in range(C):
+                        x = tube[c].reshape(-1)
+                        values[:, c] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+                    tubes.append(values.reshape(-1))  # (p0 p1 p2 c): the channel varies fastest
+        out.append(np.stack(tubes))
+    return np.stack(out)
+
+
+def reference_image_targets(images, p):
+    """MAE's targets by the formula: every patch normalized over all its p*p*3 values, unbiased variance."""
+    x = images.double().numpy()
+    B, C, H, W = x.shape
+    out = np.empty((B, (H // p) * (W // p), p * p * C))
+    for b in range(B):
+        for hi in range(H // p):
+            for wi in range(W // p):
+                patch = x[b, :, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p].transpose(1, 2, 0).reshape(-1)  # (p1 p2 c)
+                out[b, hi * (W // p) + wi] = (patch - patch.mean()) / np.sqrt(patch.var(ddof=1) + 1e-6)
+    return out
+
+
+# ======================================================================================================= pretrain_mae
+
+class TestPretrainMAE(unittest.TestCase):
+    """Stage 1 (issue 4): image MAE and VideoMAE teachers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_pretrain_")
+        cls.list_path, cls.root = make_data(cls.tmp)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, name, **changes):
+        """A tiny VideoMAE run writing to its own folder: 16 clips, batch 4 -> 4 optimizer steps per epoch."""
+        opts = {"--mode": "video", "--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4,
+                "--sampling_rate": 2, "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0,
+                "--data_path": self.list_path, "--data_root": self.root, "--log_every": 1,
+                "--output_dir": os.path.join(self.tmp, name)}
+        opts.update({f"--{k}": v for k, v in changes.items()})
+        return opts
+
+    def test_loss_falls_on_a_fixed_batch(self):
+        losses = []
+        with fixed_batch_loop(pretrain_mae, 30, lambda i, loss, *_: losses.append(loss.item())):
+            run_stage(pretrain_mae, self.options("falls", lr=1e-3))
+        self.assertEqual(len(losses), 30)
+        self.assertTrue(all(np.isfinite(losses)), losses)
+        first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+        self.assertLess(last, 0.8 * first, f"loss did not fall: first 5 {first:.4f}, last 5 {last:.4f}")
+        # targets are normalized per tube and channel: predicting zeros scores ~1.0; the model must do better
+        self.assertLess(last, 0.85)
+
+    def test_video_targets_equal_the_videomae_formula(self):
+        g = torch.Generator().manual_seed(0)
+        for p, (T, S) in ((4, (4, 8)), (16, (4, 32))):
+            video = torch.randn(2, 3, T, S, S, generator=g)
+            # one tube (time 0-1, top-left) nearly constant, std ~2e-4: (x - mean) / (std + 1e-6) keeps its values O(1),
+            # sqrt(var + 1e-6) would shrink them ~4x; the other, random tubes tell the unbiased std from the biased
+            video[1, :, 0:2, 0:p, 0:p] = 0.3 + 1e-3 * torch.randn(3, 2, p, p, generator=g)
+            got = M.video_mae_targets(video, p, 2)
+            want = reference_video_targets(video, p, 2)
+            self.assertEqual(tuple(got.shape), want.shape)
+            self.assertEqual(want.shape, (2, (T // 2) * (S // p) ** 2, 2 * p * p * 3))
+            err = (got.double().numpy() - want)
+            self.assertLess(np.abs(err[0]).max(), 1e-4, f"p={p}")
+            self.assertLess(np.abs(err[1, 1:]).max(), 1e-4, f"p={p}")
+            self.assertLess(np.abs(err[1, 0]).max(), 5e-3, f"p={p}: near-constant tube")
+            self.assertGreater(np.abs(want[1, 0]).max(), 1.0)  # the near-constant tube is really normalized
+
+    def test_image_targets_equal_the_mae_formula(self):
+        g = torch.Generator().manual_seed(1)
+        for p, S in ((4, 8), (16, 32)):
+            images = torch.randn(3, 3, S, S, generator=g)
+            images[2, :, 0:p, p:2 * p] = 0.3 + 1e-3 * torch.randn(3, p, p, generator=g)  # var ~ the 1e-6 epsilon
+            got = M.image_mae_targets(images, p)
+            want = reference_image_targets(images, p)
+            self.assertEqual(tuple(got.shape), want.shape)
+            self.assertEqual(want.shape, (3, (S // p) ** 2, p * p * 3))
+            err = np.abs(got.double().numpy() - want)
+            self.assertLess(err[2, 1].max(), 1e-3, f"p={p}: near-constant patch")
+            self.assertGreater(np.abs(want[2, 1]).max(), 1.0)  # normalized to O(1), not squashed by the epsilon
+            err[2, 1] = 0
+            self.assertLess(err.max(), 1e-4, f"p={p}")
+
+    def test_image_teacher_checkpoint_loads_with_unchanged_features(self):
+        out = os.path.join(self.tmp, "image")
+        trained, _ = run_stage(pretrain_mae, self.options("image", mode="image", lr=1e-3))
+        self.assertIsInstance(trained, M.ImageMAE)
+        weights = load(os.path.join(out, "checkpoint-last.pth"))["model"]
+        # timm layout: qkv.bias with a zero key part, no q_bias / v_bias
+        self.assertFalse([k for k in weights if k.endswith(("q_bias", "v_bias"))])
+        bias = weights["blocks.0.attn.qkv.bias"]
+        self.assertEqual(tuple(bias.shape), (3 * 192,))
+        self.assertTrue(torch.equal(bias[192:384], torch.zeros(192)))
+        self.assertTrue(torch.equal(bias[:192], trained.blocks[0].attn.q_bias.detach()))
+        self.assertTrue(torch.equal(bias[384:], trained.blocks[0].attn.v_bias.detach()))
+        self.assertGreater(bias[:192].abs().max().item(), 0)  # trained: not the zero init
+        teacher = M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, depth=1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            missing, unexpected = M.load_checkpoint(teacher, os.path.join(out, "checkpoint-last.pth"))
+        self.assertEqual(list(missing), [])
+        self.assertTrue(unexpected and all(k.startswith(("decoder", "mask_token")) for k in unexpected), unexpected)
+        images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            want = trained.eval().teacher_features(images)
+            got = teacher.eval().teacher_features(images)
+        self.assertEqual(tuple(got.shape), (3, 4, 192))
+        self.assertLess((got - want).abs().max().item(), 1e-6)
+
+    def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
+        opts = dict(epochs=2, drop_path=0.2, lr=1e-3)
+        whole, _ = run_stage(pretrain_mae, self.options("resume_a", **opts))
+        with killed_after_first_checkpoint(pretrain_mae), self.assertRaises(Killed):
+            run_stage(pretrain_mae, self.options("resume_b", **opts))
+        folder = os.path.join(self.tmp, "resume_b")
+        self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["epoch"], 0)
+        restarted, printed = run_stage(pretrain_mae, self.options("resume_b", **opts))
+        self.assertIn("resumed from", printed)
+        self.assertNotIn("epoch 0 step", printed)
+        self.assertEqual([r["epoch"] for r in read_log(folder)], [0, 1])
+        a, b = training_checkpoint(self, os.path.join(self.tmp, "resume_a")), training_checkpoint(self, folder)
+        self.assertEqual((a["epoch"], optimizer_steps(a)), (1, 8.0))
+        assert_identical(self, a, b)
+        assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        self.assertEqual(read_log(os.path.join(self.tmp, "resume_a")), read_log(folder))
+
+    def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(self):
+        opts = dict(blr=0.064, drop_path=0.0)  # lr = 0.064 * 4 / 256 = 1e-3 for a total batch of 4
+        ddp = run_ddp("pretrain_mae.py", self.options("ddp2", batch_size=2, **opts))
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        self.assertIn("total batch 4 (2 x 2 x 1), lr 0.001", ddp.stdout)
+        _, printed = run_stage(pretrain_mae, self.options("ddp1", batch_size=4, **opts))
+        self.assertIn("total batch 4 (1 x 4 x 1), lr 0.001", printed)
+        two = training_checkpoint(self, os.path.join(self.tmp, "ddp2"))
+        one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
+        self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+
+    def test_update_freq_2_equals_a_double_batch(self):
+        opts = dict(blr=0.064, drop_path=0.0)
+        run_stage(pretrain_mae, self.options("accum2", batch_size=2, update_freq=2, **opts))
+        run_stage(pretrain_mae, self.options("accum1", batch_size=4, update_freq=1, **opts))
+        two = training_checkpoint(self, os.path.join(self.tmp, "accum2"))
+        one = training_checkpoint(self, os.path.join(self.tmp, "accum1"))
+        self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        self.assertEqual(two["optimizer"]["param_groups"][0]["lr"], one["optimizer"]["param_groups"][0]["lr"])
+
+    def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(self):
+        folder = os.path.join(self.tmp, "nan")
+        run_stage(pretrain_mae, self.options("nan", lr=1e-3))
+        path = os.path.join(folder, "checkpoint-last.pth")
+        with open(path, "rb") as f:
+            before = f.read()
+        real, calls = M.VideoMAE.forward, []
+
+        def nan_at_third_call(self_, video, mask):
+            calls.append(1)
+            loss, pred = real(self_, video, mask)
+            return (loss * float("nan") if len(calls) == 3 else loss), pred
+
+        with mock.patch.object(M.VideoMAE, "forward", nan_at_third_call), self.assertRaises(M.NonFiniteLoss) as caught:
+            run_stage(pretrain_mae, self.options("nan", epochs=2, lr=1e-3))
+        message = str(caught.exception)
+        self.assertRegex(message, r"epoch 1\b.*step 2\b")
+        self.assertIn("global step 6", message)
+        self.assertEqual(len(calls), 3)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse(os.path.exists(os.path.join(folder, "checkpoint-1.pth")))
+        self.assertEqual([r["epoch"] for r in read_log(folder)], [0])
+        self.assertFalse([f for f in os.listdir(folder) if ".tmp" in f])
+
+    def test_same_flags_give_the_same_run_whatever_the_global_rng_state(self):
+        # Only --seed may decide a run: a new process starts from a random RNG state (torch 2.x), so a main() that
+        # does not seed the model's initialisation from --seed can neither resume bit for bit nor match another run.
+        run_stage(pretrain_mae, self.options("seed_a", lr=1e-3), seed=1)
+        run_stage(pretrain_mae, self.options("seed_b", lr=1e-3), seed=2)
+        a = training_checkpoint(self, os.path.join(self.tmp, "seed_a"))
+        b = training_checkpoint(self, os.path.join(self.tmp, "seed_b"))
+        diff = max_weight_diff(self, a["model"], b["model"])
+        self.assertEqual(diff, 0.0, "pretrain_mae.main must seed torch from --seed before building the model")
+        run_stage(pretrain_mae, self.options("seed_c", lr=1e-3, seed=1), seed=1)
+        c = training_checkpoint(self, os.path.join(self.tmp, "seed_c"))
+        self.assertGreater(max_weight_diff(self, a["model"], c["model"]), 1e-3)  # while --seed does change the run
+
+    def test_bad_input_size_is_an_argparse_error(self):
+        for stage in (pretrain_mae, distill):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as caught:
+                stage.get_args(["--input_size", "30"])
+            self.assertEqual(caught.exception.code, 2, stage.__name__)
+            self.assertIn("--input_size", err.getvalue())
+            self.assertIn("error", err.getvalue())
+
+
+# ============================================================================================================ distill
+
+def layer_norm_reference(x, eps):
+    x = x.double()
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+
+
+def loss_reference(pred, target, kind):
+    d = pred.double() - target.double()
+    if kind == "SmoothL1":  # beta 1
+        return torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5).mean().item()
+    return (d * d).mean().item() if kind == "L2" else d.abs().mean().item()
+
+
+def image_teacher_reference(teacher, video):
+    """Frames 0, 2, 4, ... batched as images, through the plain image path; tokens frame-major."""
+    B, _, T, H, W = video.shape
+    frames = video[:, :, ::2].permute(0, 2, 1, 3, 4).reshape(B * (T // 2), 3, H, W)
+    feats = teacher.teacher_features(frames)  # (B*T/2, L, D)
+    return feats.reshape(B, (T // 2) * feats.shape[1], feats.shape[2])
+
+
+def at_mask(feats, mask):
+    """Features at the masked tokens of each sample, in token order: (B, N_mask, D)."""
+    return torch.stack([feats[b][mask[b]] for b in range(feats.shape[0])])
+
+
+def official_student_keys(depth, decoder_depth, teachers=("img", "vid")):
+    """The state-dict keys of the official MVD student (PretrainMaskedVideoStudent, qkv_bias=True, no cls token)."""
+    block = ["norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight", "attn.proj.weight",
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+             "mlp.fc2.bias"]
+    keys = ["patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "norm.bias"]
+    keys += [f"blocks.{i}.{k}" for i in range(depth) for k in block]
+    for t in teachers:
+        keys += [f"mask_token_{t}", f"down_{t}.weight", f"down_{t}.bias", f"pos_embed_{t}",
+                 f"decoder_{t}.norm.weight", f"decoder_{t}.norm.bias", f"decoder_{t}.head.weight",
+                 f"decoder_{t}.head.bias"]
+        keys += [f"decoder_{t}.blocks.{i}.{k}" for i in range(decoder_depth) for k in block]
+    return sorted(keys)
+
+
+class TestDistill(unittest.TestCase):
+    """Stage 2 (issue 5): masked video distillation from tiny teachers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_distill_")
+        cls.list_path, cls.root = make_data(cls.tmp)
+        # the image teacher: saved directly, in the timm layout pretrain_mae writes, with our args (size, depth)
+        torch.manual_seed(11)
+        cls.image_teacher = M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, depth=1).eval()
+        with torch.no_grad():  # non-zero q/v biases, so the timm qkv.bias split is exercised
+            for block in cls.image_teacher.blocks:
+                block.attn.q_bias.normal_(0, 0.5)
+                block.attn.v_bias.normal_(0, 0.5)
+        cls.image_path = os.path.join(cls.tmp, "image_teacher.pth")
+        M.save_checkpoint(cls.image_path, model=cls.image_teacher.official_state_dict(),
+                          args={"model": "vit_tiny", "depth": 1, "mode": "image"})
+        # the video teacher: one epoch of pretrain_mae itself
+        video_dir = os.path.join(cls.tmp, "video_teacher")
+        opts = {"--mode": "video", "--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4,
+                "--sampling_rate": 2, "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0,
+                "--lr": 1e-3, "--data_path": cls.list_path, "--data_root": cls.root, "--output_dir": video_dir}
+        cls.video_teacher, _ = run_stage(pretrain_mae, opts)
+        cls.video_teacher.eval()
+        cls.video_path = os.path.join(video_dir, "checkpoint-last.pth")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, name, **changes):
+        """A tiny distillation run in its own folder: 16 clips, batch 4 -> 4 optimizer steps per epoch."""
+        opts = {"--model": "vit_tiny", "--depth": 1, "--decoder_depth": 1, "--input_size": 32, "--num_frames": 4,
+                "--sampling_rate": 2, "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0,
+                "--data_path": self.list_path, "--data_root": self.root, "--log_every": 1,
+                "--image_teacher": self.image_path, "--video_teacher": self.video_path,
+                "--image_teacher_model": "vit_tiny", "--video_teacher_model": "vit_tiny",
+                "--drop_path": 0.0, "--output_dir": os.path.join(self.tmp, name)}
+        for key, value in changes.items():
+            if value is False:
+                opts.pop(f"--{key}", None)
+            else:
+                opts[f"--{key}"] = value
+        return opts
+
+    def test_loss_equals_an_independent_computation(self):
+        cases = [dict(distill_loss_func="SmoothL1", image_teacher_loss_weight=0.7, video_teacher_loss_weight=1.3),
+                 dict(distill_loss_func="L2", norm_feature=None),
+                 dict(distill_loss_func="L1")]
+        for n, case in enumerate(cases):
+            built, seen = {}, []
+            real_build = distill.build_teacher
+
+            def recording_build(kind, args, device):
+                built[kind] = real_build(kind, args, device)
+                return built[kind]
+
+            def record(i, loss, logs, batch, student):  # before the optimizer step: the same student weights
+                with torch.no_grad():
+                    seen.append((loss.item(), dict(logs), batch, student(batch["video"], batch["mask"])))
+
+            with mock.patch.object(distill, "build_teacher", recording_build), \
+                    fixed_batch_loop(distill, 1, record):
+                run_stage(distill, self.options(f"loss_{n}", **case))
+            loss, logs, batch, (pred_img, pred_vid) = seen[0]
+            video, mask = batch["video"], batch["mask"]
+            self.assertEqual(tuple(video.shape), (4, 3, 4, 32, 32))
+            self.assertEqual(mask.sum(1).tolist(), [6] * 4)  # int(0.9 * 4) = 3 of 4 cells, at both time steps
+            # the loaded teachers are the saved ones (size, depth and weights read from the checkpoints)
+            self.assertEqual((len(built["image"].blocks), len(built["video"].encoder.blocks)), (1, 1))
+            with torch.no_grad():
+                img = image_teacher_reference(self.image_teacher, video)
+                vid = self.video_teacher.teacher_features(video)
+                self.assertLess((image_teacher_reference(built["image"], video) - img).abs().max().item(), 1e-5)
+                self.assertLess((built["video"].teacher_features(video) - vid).abs().max().item(), 1e-5)
+            if "norm_feature" in case:
+                img, vid = layer_norm_reference(img, 1e-6), layer_norm_reference(vid, 1e-6)
+            kind = case["distill_loss_func"]
+            want_img = loss_reference(pred_img, at_mask(img, mask), kind)
+            want_vid = loss_reference(pred_vid, at_mask(vid, mask), kind)
+            w_img, w_vid = case.get("image_teacher_loss_weight", 1.0), case.get("video_teacher_loss_weight", 1.0)
+            self.assertEqual(sorted(logs), ["loss_img", "loss_vid"], kind)
+            self.assertAlmostEqual(logs["loss_img"], want_img, delta=1e-5 * abs(want_img), msg=kind)
+            self.assertAlmostEqual(logs["loss_vid"], want_vid, delta=1e-5 * abs(want_vid), msg=kind)
+            self.assertAlmostEqual(loss, w_img * want_img + w_vid * want_vid,
+                                   delta=1e-5 * abs(want_img + want_vid), msg=kind)
+            if kind == "SmoothL1":  # both branches of SmoothL1 are exercised by these numbers
+                d = (pred_img - at_mask(img, mask)).abs()
+                self.assertTrue(bool((d < 1).any()) and bool((d > 1).any()), "no |error| on both sides of beta=1")
+
+    def test_norm_feature_is_the_official_non_affine_layer_norm(self):
+        # The official engine (engine_for_pretraining.py) normalizes the targets with
+        # nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False): per token, no affine, eps 1e-6.
+
+        class FixedTeacher:  # a stand-in whose features have a small spread, where the epsilon is visible
+            def teacher_features(self, video):
+                g = torch.Generator().manual_seed(3)
+                return 5.0 + 1e-3 * torch.randn(2, 8, 192, generator=g)
+
+        feats = FixedTeacher().teacher_features(None)
+        got = distill.teacher_features(FixedTeacher(), torch.zeros(2, 3, 4, 32, 32), True)
+        self.assertTrue(torch.equal(distill.teacher_features(FixedTeacher(), None, False), feats))
+        want = layer_norm_reference(feats, 1e-6)
+        self.assertLess((got.double() - want).abs().max().item(), 1e-3,
+                        "--norm_feature must use eps 1e-6 like the official LN_img / LN_vid")
+
+    def test_image_teacher_sees_even_frames_in_the_student_tube_order(self):
+        torch.manual_seed(5)
+        teacher = M.ImageMAE("vit_tiny", 64, 16, decoder_depth=0, depth=2).eval()
+        video = torch.randn(2, 3, 8, 64, 64)
+        with torch.no_grad():
+            want = image_teacher_reference(teacher, video)  # (2, 4 * 16, 192)
+            got = teacher.video_features(video)
+            self.assertEqual(tuple(got.shape), (2, 64, 192))
+            self.assertLess((got - want).abs().max().item(), 1e-5)
+            staged = distill.teacher_features(teacher, video, False)
+            self.assertLess((staged - want).abs().max().item(), 1e-5)
+            noisy = video.clone()
+            noisy[:, :, 1::2] = 10 * torch.randn_like(noisy[:, :, 1::2])  # odd frames: never seen
+            self.assertTrue(torch.equal(teacher.video_features(noisy), got))
+            changed = video.clone()
+            changed[1, :, 4] += 1.0  # frame 4 of clip 1 = its third image = tokens 32..47 (time step 2)
+            diff = (teacher.video_features(changed) - got).abs().amax(-1)
+        self.assertGreater(diff[1, 32:48].min().item(), 1e-4)
+        diff[1, 32:48] = 0
+        self.assertLess(diff.max().item(), 1e-6)
+
+    def single_teacher_run(self, name, keep, drop):
+        """A run with the `drop` teacher's weight 0 and a path that does not exist: it must never be read or run."""
+        kind = {"img": "image", "vid": "video"}
+        absent = M.VideoMAE if drop == "vid" else M.ImageMAE
+        active_cls, active_fn = (M.ImageMAE, "video_features") if keep == "img" else (M.VideoMAE, "teacher_features")
+        real, calls = getattr(active_cls, active_fn), []
+
+        def counted(self_, video, *a, **k):
+            calls.append(video.shape[0])
+            return real(self_, video, *a, **k)
+
+        opts = self.options(name, **{f"{kind[drop]}_teacher_loss_weight": 0,
+                                     f"{kind[drop]}_teacher": os.path.join(self.tmp, "no_such_teacher.pth")})
+        with mock.patch.object(absent, "__init__", side_effect=AssertionError(f"{kind[drop]} teacher built")), \
+                mock.patch.object(active_cls, active_fn, counted):
+            student, printed = run_stage(distill, opts)
+        self.assertEqual(calls, [4, 4, 4, 4])  # the kept teacher: once per micro-batch of 4 clips
+        self.assertEqual(student.teachers, [keep])
+        folder = os.path.join(self.tmp, name)
+        saved = load(os.path.join(folder, "checkpoint-last.pth"))["model"]
+        for keys in (list(student.state_dict()), list(saved)):
+            self.assertFalse([k for k in keys if k.endswith(f"_{drop}") or f"_{drop}." in k])
+            self.assertIn(f"decoder_{keep}.head.weight", keys)
+        self.assertEqual(sorted(saved), official_student_keys(1, 1, (keep,)))
+        self.assertEqual(tuple(saved[f"decoder_{keep}.head.weight"].shape), (192, 192))
+        (log,) = read_log(folder)
+        self.assertEqual(sorted(log), ["epoch", "train_loss", f"train_loss_{keep}"])
+        self.assertAlmostEqual(log["train_loss"], log[f"train_loss_{keep}"], delta=1e-6 * log["train_loss"])
+        self.assertNotIn(f"loss_{drop}", printed)
+        self.assertEqual(len(re.findall(rf"loss_{keep} \d", printed)), 4)
+
+    def test_image_only_run_never_touches_the_video_teacher(self):
+        self.single_teacher_run("image_only", keep="img", drop="vid")
+
+    def test_video_only_run_never_touches_the_image_teacher(self):
+        self.single_teacher_run("video_only", keep="vid", drop="img")
+
+    def test_loss_falls_on_a_fixed_batch(self):
+        losses = []
+        with fixed_batch_loop(distill, 30, lambda i, loss, *_: losses.append(loss.item())):
+            run_stage(distill, self.options("falls", lr=1e-3))
+        self.assertTrue(all(np.isfinite(losses)), losses)
+        first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+        self.assertLess(last, 0.8 * first, f"loss did not fall: first 5 {first:.4f}, last 5 {last:.4f}")
+
+    def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
+        opts = dict(epochs=2, drop_path=0.1, lr=1e-3)
+        whole, _ = run_stage(distill, self.options("resume_a", **opts))
+        with killed_after_first_checkpoint(distill), self.assertRaises(Killed):
+            run_stage(distill, self.options("resume_b", **opts))
+        folder = os.path.join(self.tmp, "resume_b")
+        self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["epoch"], 0)
+        restarted, printed = run_stage(distill, self.options("resume_b", **opts))
+        self.assertIn("resumed from", printed)
+        self.assertNotIn("epoch 0 step", printed)
+        a, b = training_checkpoint(self, os.path.join(self.tmp, "resume_a")), training_checkpoint(self, folder)
+        self.assertEqual((a["epoch"], optimizer_steps(a)), (1, 8.0))
+        assert_identical(self, a, b)
+        assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        self.assertEqual(read_log(os.path.join(self.tmp, "resume_a")), read_log(folder))
+
+    def test_same_flags_give_the_same_run_whatever_the_global_rng_state(self):
+        run_stage(distill, self.options("seed_a", lr=1e-3, drop_path=0.1), seed=1)
+        run_stage(distill, self.options("seed_b", lr=1e-3, drop_path=0.1), seed=2)
+        a = training_checkpoint(self, os.path.join(self.tmp, "seed_a"))
+        b = training_checkpoint(self, os.path.join(self.tmp, "seed_b"))
+        diff = max_weight_diff(self, a["model"], b["model"])
+        self.assertEqual(diff, 0.0, "distill.main must call torch.manual_seed(args.seed) before building the student "
+                                    "(and any random teacher)")
+
+    def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(self):
+        opts = dict(blr=0.064)  # lr = 1e-3 at a total batch of 4; drop_path 0
+        ddp = run_ddp("distill.py", self.options("ddp2", batch_size=2, **opts))
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        self.assertIn("total batch 4 (2 x 2 x 1), lr 0.001", ddp.stdout)
+        _, printed = run_stage(distill, self.options("ddp1", batch_size=4, **opts))
+        self.assertIn("total batch 4 (1 x 4 x 1), lr 0.001", printed)
+        two = training_checkpoint(self, os.path.join(self.tmp, "ddp2"))
+        one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
+        self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        self.assertEqual([r["epoch"] for r in read_log(os.path.join(self.tmp, "ddp2"))], [0])
+
+    def test_checkpoint_loads_back_strictly_and_training_continues(self):
+        folder = os.path.join(self.tmp, "continue")
+        trained, _ = run_stage(distill, self.options("continue", lr=1e-3))
+        weights = load(os.path.join(folder, "checkpoint-last.pth"))["model"]
+        self.assertEqual(sorted(weights), official_student_keys(1, 1))  # the official student's keys, no more
+        for key, dim in (("pos_embed", 192), ("pos_embed_img", 192), ("pos_embed_vid", 192)):
+            self.assertEqual(tuple(weights[key].shape), (1, 8, dim))
+        fresh = M.MVDStudent("vit_tiny", 4, 32, 1, img_teacher_dim=192, vid_teacher_dim=192, depth=1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            missing, unexpected = M.load_checkpoint(fresh, os.path.join(folder, "checkpoint-last.pth"))
+        self.assertEqual((list(missing), list(unexpected)), ([], []))
+        assert_identical(self, fresh.state_dict(), trained.state_dict(), "reloaded student")
+        fresh.load_state_dict(weights, strict=True)  # strict key matching, as the official code loads it
+        _, printed = run_stage(distill, self.options("continue", epochs=3, lr=1e-3))
+        self.assertIn("epoch 0 done", printed)
+        self.assertEqual(sorted(set(re.findall(r"epoch (\d+) step", printed))), ["1", "2"])
+        self.assertEqual([r["epoch"] for r in read_log(folder)], [0, 1, 2])
+        state = training_checkpoint(self, folder)
+        self.assertEqual((state["epoch"], optimizer_steps(state)), (2, 12.0))
+
+    def test_bench_prints_one_json_line(self):
+        opts = self.options("bench", bench=2, batch_size=2, input_size=64, num_frames=8, decoder_depth=2)
+        _, printed = run_stage(distill, opts)
+        lines = [line for line in printed.splitlines() if line.startswith("{")]
+        self.assertEqual(len(lines), 1, printed)
+        result = json.loads(lines[0])
+        keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops")
+        for key in keys:
+            self.assertIsInstance(result.get(key), (int, float), key)
+            self.assertGreater(result[key], 0, key)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bench", "checkpoint-last.pth")))
+        self.assertAlmostEqual(result["clips_per_s"], 2 / result["step_s"], delta=0.02 * result["clips_per_s"])
+        # achieved = GFLOP per clip x clips/s, up to the printed rounding (0.1 GFLOP per clip, 0.1 GFLOP/s)
+        self.assertAlmostEqual(result["achieved_gflops"], result["gflop_per_clip"] * result["clips_per_s"],
+                               delta=0.05 * result["clips_per_s"] + 0.06)
+        self.assertGreater(result["peak_rss_mb"], 50)
+        # FLOPs of one training step per clip, from the shapes: a ViT block costs 24 n D^2 (+ 4 n^2 D attention)
+        # forward, a backward twice its forward (the student's tube embedding: weight gradient only)
+        D, n_all, n_vis, n_mask, L, frames = 192, 64, 8, 56, 16, 4
+
+        def block(n):
+            return 24 * n * D * D + 4 * n * n * D
+
+        image_teacher = 2 * frames * L * (3 * 16 * 16) * D + frames * block(L + 1)
+        video_teacher = 2 * n_all * (3 * 2 * 16 * 16) * D + block(n_all)
+        embed = 2 * n_all * (3 * 2 * 16 * 16) * D
+        decoder = 2 * n_vis * D * D + 2 * block(n_all) + 2 * n_mask * D * D
+        student = block(n_vis) + 2 * decoder
+        want = (image_teacher + video_teacher + 3 * student + 2 * embed) / 1e9
+        self.assertAlmostEqual(result["gflop_per_clip"], want, delta=0.2 * want)
 
 
 def main():
