@@ -5,8 +5,8 @@ Conventions (see SPEC.md):
   a mask is bool (N,) per sample, True = masked (hidden from the student), tokens flattened t-major, then row, column;
   frames straight from a file are uint8 (T, H, W, 3) RGB.
 
-Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from a
-generator seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
+Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from an
+RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
 samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
 """
 import argparse
@@ -27,81 +27,110 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# What a missing, truncated, empty or non-video file raises while it is read (PyAV errors are OSError or
-# ValueError subclasses, torchvision.io image decoding raises RuntimeError).
-UNREADABLE = (av.error.FFmpegError, OSError, ValueError, RuntimeError)
+_MEAN_255, _STD_255 = (255 * torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+# What a missing, truncated, empty or non-video file raises while it is read (PIL raises OSError for images).
+UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 
 
 # ----------------------------------------------------------------------------------------------- reading and writing
 
 def read_frames(path, indices, decode_all=False):
-    """The frames at 0-based `indices` (display order, repeats allowed; past the end = last frame): uint8 (len, H, W, 3).
+    """uint8 (len(indices), H, W, 3): the frames at 0-based `indices` in display order (repeats allowed; an index
+    past the end gives the last frame).
 
-    Decodes only what the clip needs: seek to the keyframe before the first needed frame, convert only the needed
-    frames to RGB, stop after the last one. The result is exactly what a full decode gives at those positions.
+    Decodes only what the clip needs (see _decode) and gives exactly what a full decode gives at those positions.
+    `indices` may also be a function of the video's frame count returning them (one file open instead of two).
     `decode_all=True` is the slow reference (decode and convert everything, then index), for tests and the benchmark.
     """
-    indices = [int(i) for i in indices]
-    if decode_all:
-        frames = _decode(path, set(indices), seek=False, convert_all=True)
-    else:
-        # After a seek, frame numbers come from timestamps; when they cannot be trusted (no rate or pts, a seek
-        # that lands after the frame we need, a gap between timestamps) count frames from the start instead.
-        frames = _decode(path, set(indices), seek=True) or _decode(path, set(indices), seek=False)
+    with av.open(str(path)) as container:
+        stream = _video_stream(container, path)
+        if callable(indices):
+            indices = indices(_frame_count(container, stream) or video_num_frames(path))
+        indices = [int(i) for i in indices]
+        frames = _decode(container, stream, set(indices), by_pts=not decode_all, convert_all=decode_all)
+    if frames is None:  # timestamps unusable as frame numbers: count frames from the start
+        with av.open(str(path)) as container:
+            frames = _decode(container, _video_stream(container, path), set(indices), by_pts=False)
     return torch.from_numpy(np.stack([frames[i] for i in indices]))
 
 
-def _decode(path, wanted, seek, convert_all=False):
-    """{index: (H, W, 3) uint8} for every wanted index, or None when a seek gave frame numbers we cannot trust."""
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise ValueError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
+    return stream
+
+
+def _decode(container, stream, wanted, by_pts, convert_all=False):
+    """{index: uint8 (H, W, 3)} for every wanted index, or None if timestamps turn out unusable as frame numbers.
+
+    by_pts: frame number = (pts - pts of frame 0) x time base x average rate. This allows seeking to the keyframe
+    before the first needed frame and not decoding the non-reference frames before it (most B-frames: about half of
+    libx264's frames; no other frame depends on them). Only the needed frames are converted to RGB, and decoding
+    stops after the last one. Otherwise frames are counted from the start, which is always right.
+    """
     first, last = min(wanted), max(wanted)
+    rate, time_base = stream.average_rate, stream.time_base
+    if by_pts and not (rate and time_base):
+        return None
+    ticks_per_frame = 1 / float(rate * time_base) if by_pts else None
+    # pts of frame 0 = the first frame a full decode gives; stream.start_time can be a frame off (AVI with B-frames)
+    origin = None
+    if by_pts and first > 0:
+        origin = next((frame.pts for packet in container.demux(stream) for frame in packet.decode()), None)
+        if origin is None:
+            return None
+        # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
+        # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
+        container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
     out, previous, index = {}, None, -1
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
-        rate, time_base, start = stream.average_rate, stream.time_base, stream.start_time
-        by_pts = seek and first > 0 and bool(rate) and time_base is not None and start is not None
-        if by_pts:  # backward seek: lands on the last keyframe at or before the first needed frame
-            container.seek(start + int(first / (rate * time_base)), stream=stream)
-        for n, frame in enumerate(container.decode(stream)):
+    for packet in container.demux(stream):
+        if origin is not None:  # decided per packet, before the decoder's threads see it
+            before = packet.pts is not None and round((packet.pts - origin) / ticks_per_frame) < first
+            stream.codec_context.skip_frame = "NONREF" if before else "DEFAULT"
+        for frame in packet.decode():
             if by_pts:
                 if frame.pts is None:
                     return None
-                i = round((frame.pts - start) * time_base * rate)
-                if (n == 0 and i > first) or (n > 0 and i != index + 1):
+                origin = frame.pts if origin is None else origin
+                i = round((frame.pts - origin) / ticks_per_frame)
+                # Gaps are expected before the first needed frame (the seek, skipped frames); from there on each
+                # frame must follow the previous one, or timestamps do not count frames (variable frame rate).
+                if i <= index or (i > index + 1 and i > first):
                     return None
                 index = i
             else:
-                index = n
+                index += 1
             if index in wanted or convert_all:
                 out[index] = frame.to_ndarray(format="rgb24")
             if index >= last and not convert_all:
-                break
+                return out
             previous = frame
-    if previous is None and not out:
+    if previous is None:
         if by_pts:
             return None
-        raise ValueError(f"{path}: no frames decoded")
-    if len(out) < len(wanted):  # the video ended first: every index past its end gets its last frame
-        tail = out[index] if index in out else previous.to_ndarray(format="rgb24")
-        out.update({i: tail for i in wanted if i not in out})
-    return out
+        raise ValueError("no frames decoded")
+    if by_pts and index < first:  # the video ended among skipped frames: its last frame may be one of them
+        return None
+    tail = out[index] if index in out else previous.to_ndarray(format="rgb24")
+    return {i: out.get(i, tail) for i in wanted}  # indices past the end get the last frame
+
+
+def _frame_count(container, stream):
+    """The container's frame count, else duration x rate (webm/mkv carry no count), else None."""
+    if stream.frames > 0:
+        return stream.frames
+    seconds = (stream.duration * stream.time_base if stream.duration and stream.time_base
+               else (container.duration or 0) / av.time_base)
+    return max(1, round(seconds * stream.average_rate)) if seconds and stream.average_rate else None
 
 
 def video_num_frames(path):
-    """Frame count from the container, else estimated from duration x rate (webm/mkv carry no count)."""
+    """Number of frames: the container's count, else duration x rate, else counted packet by packet."""
     with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        if stream.frames > 0:
-            return stream.frames
-        seconds = (stream.duration * stream.time_base if stream.duration and stream.time_base
-                   else (container.duration or 0) / av.time_base)
-        if seconds and stream.average_rate:
-            return max(1, round(seconds * stream.average_rate))
-        return sum(1 for packet in container.demux(stream) if packet.size)  # nothing to estimate from: count
+        stream = _video_stream(container, path)
+        return _frame_count(container, stream) or sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def write_video(path, frames, fps=30, codec="libx264", options=None):
@@ -182,9 +211,8 @@ def random_mask(num_patches, mask_ratio, generator=None):
 # ---------------------------------------------------------------------------------------------------- transforms
 
 def normalize(frames):
-    """uint8 (T, 3, H, W) -> float (3, T, H, W), ImageNet-normalized."""
-    video = v2.functional.to_dtype(frames, torch.float32, scale=True)
-    return v2.functional.normalize(video, IMAGENET_MEAN, IMAGENET_STD).transpose(0, 1)
+    """uint8 (T, 3, H, W) -> float (3, T, H, W), ImageNet-normalized: (x / 255 - mean) / std, in place (3x faster)."""
+    return frames.float().sub_(_MEAN_255).div_(_STD_255).transpose(0, 1)
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
@@ -218,87 +246,66 @@ def finetune_augmentation(input_size, flip=True):
     ])
 
 
-# ---------------------------------------------------------------------------------------------------- bad files
+# ---------------------------------------------------------------------------------------------------- datasets
 
 class TooManyBadVideos(RuntimeError):
     """Raised past --max_bad_videos. One string argument, so the DataLoader can re-raise it from a worker."""
 
 
-class BadFileLog:
-    """Unreadable files: printed once by path, appended to output_dir/bad_videos.txt, counted.
-
-    Workers are separate processes, so the shared count is the number of unique paths in the file (or, without
-    output_dir, those this process has seen).
-    """
-
-    def __init__(self, output_dir, limit, num_files):
-        self.file = os.path.join(output_dir, "bad_videos.txt") if output_dir else None
-        self.limit, self.num_files, self.seen = limit, num_files, set()
-
-    def add(self, path, error):
-        known = set(self.seen)
-        if self.file and os.path.exists(self.file):
-            with open(self.file) as f:
-                known |= {line.rstrip("\n") for line in f if line.strip()}
-        if path not in known:
-            message = str(error).splitlines()[0] if str(error) else ""
-            print(f"skipping unreadable file {path} ({type(error).__name__}: {message})", flush=True)
-            if self.file:
-                os.makedirs(os.path.dirname(self.file), exist_ok=True)
-                with open(self.file, "a") as f:
-                    f.write(path + "\n")
-        self.seen.add(path)
-        known.add(path)
-        if len(known) > self.limit or len(known) >= self.num_files:
-            where = f" (all in {self.file})" if self.file else ""
-            raise TooManyBadVideos(
-                f"{len(known)} unreadable files, more than the limit of {self.limit} or all of them{where}: "
-                f"{', '.join(sorted(known)[:5])}{', ...' if len(known) > 5 else ''}; re-encode or remove them "
-                f"from the list, or raise --max_bad_videos")
-
-
-def sample_seed(seed, epoch, index):
-    """The seed of every random choice of one sample: a function of (seed, epoch, index) only."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
-
-
 class SeededDataset(Dataset):
-    """Items are indexed by (index, epoch); each is computed under its own seed in a forked RNG, so the caller's
-    RNG is untouched (num_workers=0) and nothing depends on the worker or rank that computes it."""
+    """Base of both datasets: items indexed by (index, epoch), and the handling of unreadable files.
+
+    Each item is computed under its own seed, a function of (seed, epoch, index) only, in a forked RNG: the caller's
+    RNG is untouched (num_workers=0) and nothing depends on the worker or the rank that computes it.
+    An unreadable file is printed once by path, appended to output_dir/bad_videos.txt and replaced by another draw.
+    Workers are separate processes, so the shared count is that of the unique paths in the file (without output_dir,
+    of those this process has seen); past max_bad_videos, TooManyBadVideos stops the run.
+    """
 
     def __init__(self, items, seed, output_dir, max_bad_videos):
         if not items:
             raise ValueError("no readable files listed")
-        self.items, self.seed = items, seed
-        limit = max(10, len(items) // 100) if max_bad_videos is None else max_bad_videos
-        self.bad = BadFileLog(output_dir, limit, len(items))
+        self.items, self.seed, self.bad = items, seed, set()
+        self.max_bad = max(10, len(items) // 100) if max_bad_videos is None else max_bad_videos
+        self.bad_file = os.path.join(output_dir, "bad_videos.txt") if output_dir else None
         self.reader = read_frames  # the benchmark swaps in read_frames(..., decode_all=True)
-        self._num_frames = {}  # path -> frame count, per worker
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0]))
             return self.get(index)
 
-    def num_frames_of(self, path):
-        if path not in self._num_frames:
-            self._num_frames[path] = video_num_frames(path)
-        return self._num_frames[path]
-
     def read_good(self, index, read):
-        """(index, read(path)) for the first readable file, drawing replacements from the sample's generator."""
+        """(index, read(path)) for the first readable file, drawing replacements from the sample's RNG."""
         while True:
             path = self.items[index][0]
-            if path not in self.bad.seen:
+            if path not in self.bad:
                 try:
                     return index, read(path)
                 except UNREADABLE as error:
-                    self.bad.add(path, error)
+                    self.skip_bad(path, error)
             index = int(torch.randint(len(self.items), ()))
 
+    def skip_bad(self, path, error):
+        known = set(self.bad)
+        if self.bad_file and os.path.exists(self.bad_file):
+            with open(self.bad_file) as f:
+                known |= set(f.read().split("\n")) - {""}
+        if path not in known:
+            print(f"skipping unreadable file {path} ({type(error).__name__}: {str(error)[:200]!r})", flush=True)
+            if self.bad_file:
+                os.makedirs(os.path.dirname(self.bad_file), exist_ok=True)
+                with open(self.bad_file, "a") as f:
+                    f.write(path + "\n")
+        self.bad.add(path)
+        known.add(path)
+        if len(known) > self.max_bad or len(known) == len(self.items):
+            raise TooManyBadVideos(
+                f"{len(known)} of {len(self.items)} files are unreadable (limit: --max_bad_videos {self.max_bad})"
+                f"{f', listed in {self.bad_file}' if self.bad_file else ''}: {', '.join(sorted(known)[:5])}"
+                f"{', ...' if len(known) > 5 else ''}; re-encode them, drop them from the list, or raise the limit")
 
-# ---------------------------------------------------------------------------------------------------- datasets
 
 class VideoDataset(SeededDataset):
     """Clips of the videos of a list file, for pretraining, fine-tuning ("train") or multi-view testing ("test")."""
@@ -313,7 +320,8 @@ class VideoDataset(SeededDataset):
         self.input_size, self.mask_ratio, self.num_sample = input_size, mask_ratio, num_sample
         self.teacher_input_size = teacher_input_size if teacher_input_size not in (None, input_size) else None
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
-        self.test_num_segment, self.test_num_crop, self.short_side_size = test_num_segment, test_num_crop, short_side_size
+        self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
+        self.short_side_size = short_side_size
         self.augment = finetune_augmentation(input_size, flip) if mode == "train" else None
 
     def __len__(self):
@@ -321,8 +329,9 @@ class VideoDataset(SeededDataset):
 
     def read_clip(self, path, view=None):
         """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing)."""
-        indices = clip_indices(self.num_frames_of(path), self.num_frames, self.sampling_rate, self.sampling,
-                               view, self.test_num_segment)
+        def indices(num_video_frames):
+            return clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.sampling, view,
+                                self.test_num_segment)
         return self.reader(path, indices).permute(0, 3, 1, 2)
 
     def get(self, index):
@@ -343,21 +352,19 @@ class VideoDataset(SeededDataset):
 
     def get_view(self, index):
         """Test view: clip `index // crops % segments`, short side resized, crop `index % crops` along the long side."""
-        views = self.test_num_segment * self.test_num_crop
-        video, view = divmod(index, views)
+        video, view = divmod(index, self.test_num_segment * self.test_num_crop)
         path, label = self.items[video]
         sample = {"label": label, "index": video, "view": view, "ok": True}
         try:
             frames = self.read_clip(path, view // self.test_num_crop)
         except UNREADABLE as error:
-            self.bad.add(path, error)
-            size = self.input_size
-            return {"video": torch.zeros(3, self.num_frames, size, size), **sample, "ok": False}
-        frames = v2.functional.resize(frames, [self.short_side_size], antialias=True)  # short side
-        s, (height, width) = self.short_side_size, frames.shape[-2:]
-        crop = view % self.test_num_crop
-        start = int(crop * (max(height, width) - s) / (self.test_num_crop - 1)) if self.test_num_crop > 1 \
-            else (max(height, width) - s) // 2
+            self.skip_bad(path, error)
+            return {**sample, "video": torch.zeros(3, self.num_frames, self.input_size, self.input_size), "ok": False}
+        s = self.short_side_size
+        frames = v2.functional.resize(frames, [s], antialias=True)  # short side to s
+        height, width = frames.shape[-2:]
+        crops, crop = self.test_num_crop, view % self.test_num_crop  # spread along the long side
+        start = int(crop * (max(height, width) - s) / (crops - 1)) if crops > 1 else (max(height, width) - s) // 2
         frames = frames[..., start:start + s, :] if height > width else frames[..., start:start + s]
         if s != self.input_size:  # the official code assumes short_side_size == input_size
             frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=True)
@@ -371,9 +378,10 @@ class ImageDataset(SeededDataset):
     def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, seed=0,
                  output_dir=None, max_bad_videos=None):
         self.from_videos = not os.path.isdir(data_path)
-        items = (load_video_list(data_path, data_root) if self.from_videos
-                 else torchvision.datasets.ImageFolder(data_path).samples)
-        super().__init__(items, seed, output_dir, max_bad_videos)
+        folder = None if self.from_videos else torchvision.datasets.ImageFolder(data_path)
+        super().__init__(load_video_list(data_path, data_root) if self.from_videos else folder.samples, seed,
+                         output_dir, max_bad_videos)
+        self.load_image = None if self.from_videos else folder.loader  # PIL, as MAE
         self.num_patches, self.mask_ratio = (input_size // patch_size) ** 2, mask_ratio
         self.augment = v2.Compose([
             v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
@@ -389,9 +397,8 @@ class ImageDataset(SeededDataset):
     def read_image(self, path):
         """uint8 (3, H, W)."""
         if not self.from_videos:
-            return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-        frame = int(torch.randint(self.num_frames_of(path), ()))
-        return self.reader(path, [frame])[0].permute(2, 0, 1)
+            return v2.functional.pil_to_tensor(self.load_image(path))
+        return self.reader(path, lambda num_frames: [int(torch.randint(num_frames, ()))])[0].permute(2, 0, 1)
 
     def get(self, index):
         index, image = self.read_good(index, self.read_image)
@@ -411,6 +418,8 @@ class EpochSampler(DistributedSampler):
 
 def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,
                 device_type="cpu"):
+    """Batches of `dataset` for one rank. Without drop_last, DistributedSampler pads the ranks to equal length by
+    repeating a few items: evaluation should count each (index, view) once. Call loader.sampler.set_epoch(epoch)."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                            drop_last=drop_last)
     # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
@@ -485,10 +494,9 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
     (paths relative to root: use data_root=root). Reuses a complete set made with the same parameters."""
     params = dict(version=1, num_videos=num_videos, num_frames=num_frames, size=size, fps=fps, seed=seed,
                   val_fraction=val_fraction)
-    paths = {"root": root, "all": os.path.join(root, "all.csv")}
-    for task in ("appearance", "motion"):
-        for split in ("train", "val"):
-            paths[f"{task}_{split}"] = os.path.join(root, task, f"{split}.csv")
+    paths = {"root": root, "all": os.path.join(root, "all.csv"),
+             **{f"{task}_{split}": os.path.join(root, task, f"{split}.csv")
+                for task in ("appearance", "motion") for split in ("train", "val")}}
     marker = os.path.join(root, "synthetic.json")
     if os.path.exists(marker):
         with open(marker) as f:
@@ -520,33 +528,32 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
 
 def benchmark_set(root, num_videos=10):
     """10-second 340x256 30-fps H.264 videos (x264 defaults: keyframes 250 frames apart), made once."""
-    list_path, marker = os.path.join(root, "bench.csv"), os.path.join(root, "bench.json")
-    if not os.path.exists(marker):
+    list_path = os.path.join(root, f"bench{num_videos}.csv")
+    if not os.path.exists(list_path):  # written last: its presence means the set is complete
         os.makedirs(root, exist_ok=True)
         for i in range(num_videos):  # a panning background and sensor noise give realistic bitrates
-            rng = np.random.default_rng(i)
-            frames = render_video(rng, 256, 340, 300, i % 4, i // 4 % 4, background_step=(0, 1), noise=4.0)
+            frames = render_video(np.random.default_rng(i), 256, 340, 300, i % 4, i // 4 % 4, (0, 1), noise=4.0)
             write_video(os.path.join(root, f"{i}.mp4"), frames, fps=30)
-        with open(list_path, "w") as f:
+        with open(list_path + ".tmp", "w") as f:
             f.writelines(f"{i}.mp4 0\n" for i in range(num_videos))
-        with open(marker, "w") as f:
-            json.dump({"num_videos": num_videos}, f)
+        os.replace(list_path + ".tmp", list_path)
     return list_path, root
 
 
 def benchmark(data_path, data_root, num_clips=40):
-    """Clips/s of the pretraining path (decode + sample + distillation transform + mask), one process, both ways."""
+    """Clips/s of the pretraining path (decode + sample + distillation transform + mask), one process, both ways.
+    The two readers alternate clip by clip on the same clips, so that a busy machine slows both alike."""
     dataset = VideoDataset(data_path, data_root, mode="pretrain", num_frames=16, sampling_rate=4, input_size=224)
-    result = {}
-    for key, reader in (("clips_per_s", read_frames),
-                        ("decode_all_clips_per_s", functools.partial(read_frames, decode_all=True))):
-        dataset.reader = reader
-        dataset[(0, 0)]  # warm-up
-        begin = time.perf_counter()
-        for i in range(num_clips):
-            dataset[(i % len(dataset), i // len(dataset))]
-        result[key] = round(num_clips / (time.perf_counter() - begin), 2)
-    result["speedup"] = round(result["clips_per_s"] / result["decode_all_clips_per_s"], 2)
+    readers = {"clips_per_s": read_frames, "decode_all_clips_per_s": functools.partial(read_frames, decode_all=True)}
+    seconds = dict.fromkeys(readers, 0.0)
+    for i in range(-1, num_clips):  # -1: warm-up, not timed
+        for key, reader in readers.items():
+            dataset.reader = reader
+            begin = time.perf_counter()
+            dataset[(max(i, 0) % len(dataset), max(i, 0) // len(dataset))]
+            seconds[key] += (time.perf_counter() - begin) * (i >= 0)
+    result = {key: round(num_clips / seconds[key], 2) for key in readers}
+    result["speedup"] = round(seconds["decode_all_clips_per_s"] / seconds["clips_per_s"], 2)
     return result
 
 

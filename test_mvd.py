@@ -910,6 +910,429 @@ class TestModelDropPath(unittest.TestCase):
         self.assertTrue(torch.equal(M.DropPath(0.0).train()(x), x))
 
 
+BITS = 7  # frame numbers up to 127, written as 7 black/white vertical bars
+
+
+def numbered_frames(num_frames, height, width):
+    """uint8 (T, H, W, 3): frame t shows the bits of t as bars (white = 1), on a mid-grey strip to the right."""
+    frames = np.full((num_frames, height, width, 3), 128, np.uint8)
+    bar = width // BITS
+    for t in range(num_frames):
+        for bit in range(BITS):
+            frames[t, :, bit * bar:(bit + 1) * bar] = 255 * (t >> bit & 1)
+    return frames
+
+
+def frame_numbers(frames):
+    """Read the numbers back from decoded frames (N, H, W, 3): the centre column of every bar, thresholded."""
+    bar = frames.shape[2] // BITS
+    centres = frames[:, :, bar // 2::bar][:, :, :BITS].float().mean((1, 3))  # (N, BITS)
+    return ((centres > 128).long() << torch.arange(BITS)).sum(1).tolist()
+
+
+def smooth_frames(num_frames, height, width, seed=0):
+    """uint8 (T, H, W, 3) of smooth random texture drifting to the right (resizing barely changes it)."""
+    coarse = torch.rand(1, 3, height // 8 + 2, width // 8 + 2, generator=torch.Generator().manual_seed(seed))
+    image = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)[0].clamp(0, 1)
+    return np.stack([(image.roll(t, -1) * 255).byte().permute(1, 2, 0).numpy() for t in range(num_frames)])
+
+
+def write_list(path, lines):
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in lines)
+    return path
+
+
+def setUpModule():
+    global TMP
+    TMP = tempfile.mkdtemp(prefix="mvd_data_test_")
+
+
+def tearDownModule():
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+
+def _d_write_ppm(path, rgb):
+    """A binary PPM image (uint8 (H, W, 3)), which ImageFolder reads: no image library needed to write one."""
+    with open(path, "wb") as f:
+        f.write(b"P6\n%d %d\n255\n" % (rgb.shape[1], rgb.shape[0]) + np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+
+class TestReading(unittest.TestCase):
+    CODECS = [("mp4", "libx264", {"g": "10", "crf": "10"}),  # B-frames (x264 default) + keyframes every 10
+              ("webm", "libvpx-vp9", {"g": "10", "crf": "10", "b": "0"}),  # SSv2's format
+              ("avi", "mpeg4", {"g": "10", "bf": "2", "b": "2M"})]  # UCF101 / HMDB51's format
+
+    def check_video(self, path, num_frames):
+        full = data.read_frames(path, range(num_frames), decode_all=True)
+        self.assertEqual(frame_numbers(full), list(range(num_frames)))  # the decoder gives the frames written
+        self.assertEqual(data.video_num_frames(path), num_frames)
+        rng = np.random.default_rng(0)
+        index_sets = [[0], [num_frames - 1], [num_frames + 5, 3, 3], list(range(25, 31)), [11, 11, 10, 9, 40],
+                      *[rng.integers(0, num_frames + 10, rng.integers(1, 12)).tolist() for _ in range(12)]]
+        for indices in index_sets:
+            with mock.patch.object(data, "_decode", wraps=data._decode) as decode:
+                got = data.read_frames(path, indices)
+            if min(indices) < num_frames:  # the fast path (timestamps, seek, skipping) worked: no recount
+                self.assertEqual([call.kwargs["by_pts"] for call in decode.call_args_list], [True], indices)
+            expected = [min(i, num_frames - 1) for i in indices]  # past the end: the last frame
+            self.assertEqual(frame_numbers(got), expected, (path, indices))
+            self.assertTrue(torch.equal(got, full[expected]), (path, indices))  # bit-exact with a full decode
+
+    def test_codecs_sizes_and_orientations(self):
+        for ext, codec, options in self.CODECS:
+            for height, width in ((38, 50), (64, 36)):  # odd size, portrait
+                with self.subTest(codec=codec, size=(height, width)):
+                    path = os.path.join(TMP, f"numbers_{height}x{width}.{ext}")
+                    data.write_video(path, numbered_frames(60, height, width), fps=24, codec=codec, options=options)
+                    got = data.read_frames(path, [5])
+                    self.assertEqual(tuple(got.shape), (1, height, width, 3))
+                    self.check_video(path, 60)
+
+    def test_callable_indices_get_the_frame_count(self):
+        path = os.path.join(TMP, "callable.mp4")
+        data.write_video(path, numbered_frames(30, 32, 56), options={"g": "8"})
+        seen = []
+        got = data.read_frames(path, lambda n: seen.append(n) or [n - 1, 0])
+        self.assertEqual(seen, [30])
+        self.assertEqual(frame_numbers(got), [29, 0])
+
+
+class TestSampling(unittest.TestCase):
+    def test_dense_training(self):
+        torch.manual_seed(0)
+        starts = set()
+        for _ in range(2000):
+            indices = data.clip_indices(100, 4, 4)
+            self.assertEqual(indices, [indices[0] + 4 * i for i in range(4)])
+            starts.add(indices[0])
+        self.assertEqual(starts, set(range(0, 88)))  # every start from 0 to 100 - 13, and only those
+        self.assertEqual(data.clip_indices(10, 4, 4), [0, 4, 8, 9])  # short: repeat the last frame
+        self.assertEqual(data.clip_indices(13, 4, 4), [0, 4, 8, 12])  # exactly the span: one possible start
+
+    def test_dense_testing(self):
+        # 25 frames at stride 4 (0, 4, ..., 96); 3 windows of 4 of them, starting at 0, 10 and 21
+        views = [data.clip_indices(100, 4, 4, view=k, num_views=3) for k in range(3)]
+        self.assertEqual(views, [[0, 4, 8, 12], [40, 44, 48, 52], [84, 88, 92, 96]])
+        self.assertEqual(data.clip_indices(10, 4, 4, view=1, num_views=2), [0, 4, 8, 9])
+
+    def test_segment_training(self):
+        torch.manual_seed(0)
+        seen = [set() for _ in range(4)]
+        for _ in range(300):
+            for slot, index in enumerate(data.clip_indices(22, 4, 4, "segment")):
+                seen[slot].add(index)
+        # 22 frames in 4 equal segments: [0, 5), [5, 11), [11, 16), [16, 22); one random frame in each
+        self.assertEqual(seen, [set(range(0, 5)), set(range(5, 11)), set(range(11, 16)), set(range(16, 22))])
+        self.assertEqual(data.clip_indices(3, 4, 4, "segment"), [0, 1, 2, 2])  # short: repeat the last frame
+
+    def test_segment_testing(self):
+        centres = data.clip_indices(20, 4, 4, "segment", view=0, num_views=2)
+        starts = data.clip_indices(20, 4, 4, "segment", view=1, num_views=2)
+        self.assertEqual((centres, starts), ([2, 7, 12, 17], [0, 5, 10, 15]))  # the official SSv2 two views
+        self.assertEqual(data.clip_indices(20, 4, 4, "segment", view=0, num_views=1), [2, 7, 12, 17])
+        self.assertEqual(data.clip_indices(3, 4, 4, "segment", view=0, num_views=2), [0, 1, 2, 2])
+
+
+class TestMasks(unittest.TestCase):
+    def test_tube_mask(self):
+        for ratio, grid in ((0.9, (8, 14, 14)), (0.75, (2, 3, 5)), (0.0, (2, 2, 2))):
+            mask = data.tube_mask(grid, ratio, torch.Generator().manual_seed(1))
+            t, h, w = grid
+            self.assertEqual(mask.dtype, torch.bool)
+            per_step = mask.reshape(t, h * w)
+            self.assertTrue((per_step == per_step[0]).all())  # the same cells at every time step
+            self.assertTrue((per_step.sum(1) == int(ratio * h * w)).all())
+        masks = {tuple(data.tube_mask((2, 4, 4), 0.5).tolist()) for _ in range(10)}
+        self.assertGreater(len(masks), 1)
+
+    def test_random_mask(self):
+        for num_patches, ratio in ((196, 0.75), (16, 0.75), (10, 0.33)):
+            mask = data.random_mask(num_patches, ratio)
+            self.assertEqual(int((~mask).sum()), int(num_patches * (1 - ratio)))
+
+
+class DatasetCase(unittest.TestCase):
+    """Six small videos of smooth texture and a list of them."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(dir=TMP)
+        for i in range(6):
+            data.write_video(os.path.join(cls.dir, f"v{i}.mp4"), smooth_frames(20, 48, 64, seed=i), fps=10)
+        cls.list = write_list(os.path.join(cls.dir, "list.csv"), [f"v{i}.mp4 {i % 3}" for i in range(6)])
+
+    def dataset(self, **kwargs):
+        defaults = dict(data_root=self.dir, num_frames=4, sampling_rate=2, input_size=32, patch_size=16)
+        return data.VideoDataset(self.list, **{**defaults, **kwargs})
+
+
+class TestTransforms(DatasetCase):
+    def test_distillation_crops_cover_the_same_region(self):
+        dataset = self.dataset(mode="pretrain", teacher_input_size=64)
+        for index in range(6):
+            sample = dataset[(index, 3)]
+            self.assertEqual(tuple(sample["video"].shape), (3, 4, 32, 32))
+            self.assertEqual(tuple(sample["teacher_video"].shape), (3, 4, 64, 64))
+            self.assertEqual(tuple(sample["mask"].shape), (2 * 2 * 2,))
+            student, teacher = sample["video"], F.avg_pool3d(sample["teacher_video"], (1, 2, 2))
+            error = (student - teacher).abs().mean()
+            shifted = (student.roll(1, -1) - teacher).abs().mean()  # a region 1 px away, for scale
+            self.assertLess(error, 0.1)
+            self.assertLess(error, shifted / 3)
+        self.assertNotIn("teacher_video", self.dataset(mode="pretrain", teacher_input_size=32)[(0, 0)])
+
+    def test_multi_scale_crop_box(self):
+        torch.manual_seed(0)
+        boxes = {data.multi_scale_crop_box(256, 340, 224) for _ in range(500)}
+        sides = {224, 192, 168}  # int(256 * (1, .875, .75, .66)) = 256, 224, 192, 168, with 256 -> 224 (in 3 px)
+        for top, left, h, w in boxes:
+            self.assertTrue({h, w} <= sides | {256} and top + h <= 256 and left + w <= 340)
+        self.assertIn((0, 0, 256, 224), boxes)  # the two largest sides, one step apart, at the corner
+        self.assertIn((32, 58, 192, 224), boxes)  # centre: ((256 - 192) // 4 * 2, (340 - 224) // 4 * 2)
+        self.assertNotIn(168, {w for _, _, h, w in boxes if h == 256})  # never two steps apart
+
+    def test_finetune_samples(self):
+        dataset = self.dataset(mode="train", num_sample=2)
+        sample = dataset[(4, 0)]
+        self.assertEqual(tuple(sample["video"].shape), (2, 3, 4, 32, 32))
+        self.assertEqual((sample["label"], sample["index"]), (1, 4))
+        self.assertFalse(torch.equal(sample["video"][0], sample["video"][1]))  # two augmentations of one clip
+        self.assertTrue(torch.equal(sample["video"], dataset[(4, 0)]["video"]))
+
+    def test_test_views(self):
+        dataset = self.dataset(mode="test", test_num_segment=2, test_num_crop=3, input_size=48, short_side_size=48)
+        self.assertEqual(len(dataset), 6 * 6)
+        for item in (0, 7, 35):
+            video, view = divmod(item, 6)
+            sample = dataset[(item, 0)]
+            self.assertEqual((sample["index"], sample["view"], sample["ok"]), (video, view, True))
+            # 20 frames at stride 2 = 10; windows of 4 start at 0 and 6; crops of 48 along 64 start at 0, 8, 16
+            indices = [[0, 2, 4, 6], [12, 14, 16, 18]][view // 3]
+            frames = data.read_frames(dataset.items[video][0], indices).permute(0, 3, 1, 2)
+            left = 8 * (view % 3)
+            expected = data.normalize(frames[..., left:left + 48])
+            self.assertTrue(torch.allclose(sample["video"], expected, atol=1e-5), item)
+
+    def test_test_views_of_a_portrait_video(self):
+        frames = smooth_frames(8, 80, 48)  # short side 48 -> 24: 40 x 24, crops of 24 from the top, middle, bottom
+        data.write_video(os.path.join(self.dir, "portrait.mp4"), frames)
+        path = write_list(os.path.join(self.dir, "portrait.csv"), ["portrait.mp4 0"])
+        dataset = data.VideoDataset(path, self.dir, mode="test", num_frames=2, sampling_rate=2, input_size=24,
+                                    short_side_size=24, test_num_segment=1, test_num_crop=3)
+        decoded = data.read_frames(os.path.join(self.dir, "portrait.mp4"), [0, 2]).permute(0, 3, 1, 2)
+        resized = data.v2.functional.resize(decoded, [24], antialias=True)
+        self.assertEqual(tuple(resized.shape[-2:]), (40, 24))
+        for view, top in enumerate((0, 8, 16)):
+            expected = data.normalize(resized[..., top:top + 24, :])
+            self.assertTrue(torch.allclose(dataset[(view, 0)]["video"], expected, atol=1e-5), view)
+
+
+class TestListsAndBadFiles(DatasetCase):
+    def test_list_formats_and_errors(self):
+        good = write_list(os.path.join(self.dir, "mixed.csv"), ["v0.mp4 3", "", "v1.mp4,4", "v2.mp4, 5"])
+        self.assertEqual([label for _, label in data.load_video_list(good, self.dir)], [3, 4, 5])
+        self.assertTrue(os.path.isabs(data.load_video_list(good, self.dir)[0][0]))
+        for bad_line in ("v1.mp4", "v1.mp4 x", "v1.mp4 2 7"):
+            bad = write_list(os.path.join(self.dir, "bad.csv"), ["v0.mp4 0", "v1.mp4 1", bad_line])
+            with self.assertRaisesRegex(ValueError, "bad.csv:3:"):
+                data.load_video_list(bad, self.dir)
+
+    def test_missing_files_are_reported_once_and_skipped(self):
+        path = write_list(os.path.join(self.dir, "missing.csv"), ["v0.mp4 0", "gone1.mp4 1", "gone2.mp4 2"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            videos = data.load_video_list(path, self.dir)
+        self.assertEqual(len(videos), 1)
+        self.assertEqual(len(out.getvalue().splitlines()), 1)
+        self.assertIn("2 of 3", out.getvalue())
+        self.assertIn("gone1.mp4", out.getvalue())
+
+    def make_bad_set(self, name):
+        root = tempfile.mkdtemp(dir=TMP)
+        for i in range(3):
+            shutil.copy(os.path.join(self.dir, f"v{i}.mp4"), os.path.join(root, f"good{i}.mp4"))
+        with open(os.path.join(self.dir, "v3.mp4"), "rb") as f:
+            content = f.read()
+        with open(os.path.join(root, "truncated.mp4"), "wb") as f:
+            f.write(content[:len(content) // 2])
+        open(os.path.join(root, "empty.mp4"), "wb").close()
+        with open(os.path.join(root, "text.mp4"), "w") as f:
+            f.write("this is not a video\n" * 50)
+        names = ["good0", "truncated", "good1", "empty", "text", "good2"]
+        return root, write_list(os.path.join(root, name), [f"{n}.mp4 0" for n in names])
+
+    def test_bad_files_are_skipped_and_reported(self):
+        root, path = self.make_bad_set("list.csv")
+        out_dir = os.path.join(root, "out")
+        for mode in ("pretrain", "train"):
+            dataset = data.VideoDataset(path, root, mode=mode, num_frames=4, sampling_rate=2, input_size=32,
+                                        output_dir=out_dir)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                used = {dataset[(i, 0)]["index"] for i in range(6) for _ in range(2)}
+            self.assertLessEqual(used, {0, 2, 5})  # only the good videos were used
+            with open(os.path.join(out_dir, "bad_videos.txt")) as f:
+                self.assertEqual(sorted(f.read().split()),
+                                 sorted(os.path.join(root, f"{n}.mp4") for n in ("truncated", "empty", "text")))
+            if mode == "pretrain":  # one line per file, the first time only
+                self.assertEqual(len(out.getvalue().splitlines()), 3)
+        dataset = data.VideoDataset(path, root, mode="test", num_frames=4, sampling_rate=2, input_size=32,
+                                    test_num_segment=1, test_num_crop=1, short_side_size=32)
+        with contextlib.redirect_stdout(io.StringIO()):
+            samples = [dataset[(i, 0)] for i in range(6)]
+        self.assertEqual([s["ok"] for s in samples], [True, False, True, False, False, True])
+        self.assertTrue(all(s["video"].abs().sum() == 0 for s in samples if not s["ok"]))
+
+    def test_too_many_bad_files_stop_the_run(self):
+        root, path = self.make_bad_set("list.csv")
+        dataset = data.VideoDataset(path, root, mode="pretrain", num_frames=4, sampling_rate=2, input_size=32,
+                                    output_dir=os.path.join(root, "out"), max_bad_videos=2)
+        with contextlib.redirect_stdout(io.StringIO()), self.assertRaisesRegex(data.TooManyBadVideos, "empty.mp4"):
+            for i in range(6):
+                dataset[(i, 0)]
+        # the same through a worker process (a new dataset: this one already knows the bad files and skips them)
+        dataset = data.VideoDataset(path, root, mode="pretrain", num_frames=4, sampling_rate=2, input_size=32,
+                                    output_dir=os.path.join(root, "out2"), max_bad_videos=2)
+        loader = data.make_loader(dataset, 2, num_workers=1, shuffle=False)
+        with contextlib.redirect_stdout(io.StringIO()), self.assertRaises(data.TooManyBadVideos):
+            list(loader)
+
+
+class TestLoader(DatasetCase):
+    def batches(self, epoch, world_size=1, rank=0, batch_size=4, seed=0):
+        loader = data.make_loader(self.dataset(mode="pretrain", seed=seed), batch_size, seed=seed, rank=rank,
+                                  world_size=world_size, num_workers=0)
+        loader.sampler.set_epoch(epoch)
+        return list(loader)
+
+    def test_same_seed_and_epoch_same_batches(self):
+        state = torch.get_rng_state()
+        first, again, other = self.batches(0), self.batches(0), self.batches(1)
+        self.assertTrue(torch.equal(state, torch.get_rng_state()))  # the caller's RNG is untouched
+        self.assertTrue(torch.equal(first[0]["video"], again[0]["video"]))
+        self.assertTrue(torch.equal(first[0]["mask"], again[0]["mask"]))
+        self.assertFalse(torch.equal(first[0]["video"], other[0]["video"]))
+        self.assertFalse(torch.equal(first[0]["video"], self.batches(0, seed=1)[0]["video"]))
+        dataset = self.dataset(mode="pretrain", input_size=64)  # the same video in another epoch: other draws
+        self.assertFalse(torch.equal(dataset[(0, 0)]["mask"], dataset[(0, 1)]["mask"]))
+        self.assertFalse(torch.equal(dataset[(0, 0)]["video"], dataset[(0, 1)]["video"]))
+
+    def test_two_ranks_see_what_one_rank_sees(self):
+        one = self.batches(2, batch_size=4)
+        ranks = [self.batches(2, world_size=2, rank=r, batch_size=2) for r in range(2)]
+        self.assertEqual(len(one), 1)  # 6 videos, batch 4, drop_last
+        for step, batch in enumerate(one):
+            parts = [r[step] for r in ranks]
+            merged = {k: torch.cat([p[k] for p in parts]) for k in ("index", "video", "mask")}
+            order = merged["index"].argsort()
+            self.assertTrue(torch.equal(merged["index"][order], batch["index"].sort().values))
+            self.assertTrue(torch.equal(merged["video"][order], batch["video"][batch["index"].argsort()]))
+            self.assertTrue(torch.equal(merged["mask"][order], batch["mask"][batch["index"].argsort()]))
+
+
+class TestMixupCutmix(unittest.TestCase):
+    def test_soft_targets_and_same_box_in_every_frame(self):
+        torch.manual_seed(0)
+        video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 5, 16, 16).clone()  # sample b is all b
+        labels = torch.tensor([0, 1, 2, 3])
+        for mixup_alpha, cutmix_alpha in ((0.0, 1.0), (0.8, 0.0), (0.8, 1.0)):
+            mix = data.mixup_cutmix(10, mixup_alpha, cutmix_alpha, label_smoothing=0.1)
+            for _ in range(5):
+                mixed, targets = mix(video.clone(), labels)
+                self.assertEqual(tuple(mixed.shape), (4, 3, 5, 16, 16))
+                self.assertTrue(torch.allclose(targets.sum(1), torch.ones(4)))
+                self.assertGreaterEqual(targets.min().item(), 0.01 - 1e-6)  # smoothing 0.1 over 10 classes
+                self.assertTrue((mixed == mixed[:, :, :1]).all())  # one box (or weight) for all frames and channels
+                if mixup_alpha == 0:  # cutmix: each pixel is its own sample's or the partner's, label = area
+                    own = (mixed == video).float().mean((1, 2, 3, 4))
+                    self.assertTrue(torch.allclose(targets[torch.arange(4), labels], 0.01 + 0.9 * own, atol=1e-5))
+        mixed, targets = data.mixup_cutmix(4, 0, 0, 0.0)(video, labels)
+        self.assertTrue(torch.equal(targets, F.one_hot(labels, 4).float()) and torch.equal(mixed, video))
+
+
+class TestImageDataset(DatasetCase):
+    def test_image_folder_and_video_frames(self):
+        folder = os.path.join(self.dir, "images")
+        for c in ("cat", "dog"):
+            os.makedirs(os.path.join(folder, c), exist_ok=True)
+            for i in range(2):
+                _d_write_ppm(os.path.join(folder, c, f"{i}.ppm"), smooth_frames(1, 40, 30, seed=i)[0])
+        for dataset in (data.ImageDataset(folder, input_size=32),
+                        data.ImageDataset(self.list, self.dir, input_size=32)):
+            sample = dataset[(1, 0)]
+            self.assertEqual(tuple(sample["image"].shape), (3, 32, 32))
+            self.assertEqual(int(sample["mask"].sum()), 4 - int(4 * 0.25))
+            self.assertTrue(torch.equal(sample["image"], dataset[(1, 0)]["image"]))
+            self.assertFalse(torch.equal(sample["image"], dataset[(1, 1)]["image"]))
+        self.assertEqual(len(data.ImageDataset(folder, input_size=32)), 4)
+
+
+class TestSyntheticSet(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.root = os.path.join(TMP, "synthetic")
+        cls.paths = data.make_synthetic_set(cls.root, num_videos=160, num_frames=16, size=48, seed=1,
+                                            val_fraction=0.5)
+
+    def test_lists_and_reuse(self):
+        lists = {k: data.load_video_list(v, self.root) for k, v in self.paths.items() if k != "root"}
+        self.assertEqual(len(lists["all"]), 160)
+        for task in ("appearance", "motion"):
+            self.assertEqual(len(lists[f"{task}_train"]) + len(lists[f"{task}_val"]), 160)
+            self.assertEqual(len(lists[f"{task}_val"]), 80)
+            self.assertEqual({label for _, label in lists[f"{task}_train"]}, {0, 1, 2, 3})
+        self.assertEqual([p for p, _ in lists["motion_val"]], [p for p, _ in lists["appearance_val"]])
+        video = os.path.join(self.root, "videos", "0000.mp4")
+        before = os.path.getmtime(video)
+        self.assertEqual(data.make_synthetic_set(self.root, num_videos=160, num_frames=16, size=48, seed=1,
+                                                 val_fraction=0.5), self.paths)
+        self.assertEqual(os.path.getmtime(video), before)  # reused, not rewritten
+        other = data.make_synthetic_set(os.path.join(TMP, "synthetic2"), num_videos=4, num_frames=16, size=48,
+                                        seed=1, val_fraction=0.5)
+        with open(video, "rb") as a, open(os.path.join(other["root"], "videos", "0000.mp4"), "rb") as b:
+            self.assertEqual(a.read(), b.read())  # deterministic from the seed
+
+    def load(self, key, indices=(0, 1, 8)):
+        items = data.load_video_list(self.paths[key], self.root)
+        frames = torch.stack([data.read_frames(p, indices) for p, _ in items]).float() / 255  # (V, F, H, W, 3)
+        return frames, torch.tensor([label for _, label in items])
+
+    @staticmethod
+    def nearest_class_mean(train, train_labels, test, test_labels):
+        means = torch.stack([train[train_labels == c].mean(0) for c in range(4)])
+        return (torch.cdist(test, means).argmin(1) == test_labels).float().mean().item()
+
+    def test_single_frames_show_appearance_but_not_motion(self):
+        def where(x):  # (V, H, W, 3) -> coarse map of fine texture: where the object is
+            grey = x.mean(-1, keepdim=True).permute(0, 3, 1, 2)
+            detail = (grey - F.avg_pool2d(grey, 3, 1, 1, count_include_pad=False)).abs()
+            return F.avg_pool2d(detail, 4).flatten(1)
+
+        def spectrum(x):  # -> log amplitude spectrum of the grey image: what is there, wherever it is
+            grey = x.mean(-1)
+            return torch.log1p(torch.fft.fft2(grey - grey.mean((-2, -1), keepdim=True)).abs()).flatten(1)
+
+        def step(x, y):  # two frames -> normalized cross-power spectrum: how far things moved
+            cross = torch.fft.fft2(y.mean(-1)) * torch.fft.fft2(x.mean(-1)).conj()
+            cross = cross / (cross.abs() + 1e-6)
+            return torch.cat([cross.real.flatten(1), cross.imag.flatten(1)], 1)
+
+        accuracy = {}
+        for task in ("appearance", "motion"):
+            train, train_labels = self.load(f"{task}_train")
+            test, test_labels = self.load(f"{task}_val")
+            for name, features in (("where", where), ("spectrum", spectrum)):
+                accuracy[task, name] = max(self.nearest_class_mean(features(train[:, f]), train_labels,
+                                                                   features(test[:, f]), test_labels) for f in (0, 2))
+            accuracy[task, "two frames"] = self.nearest_class_mean(step(train[:, 0], train[:, 1]), train_labels,
+                                                                   step(test[:, 0], test[:, 1]), test_labels)
+        # chance is 0.25 (80 test videos: a standard deviation of about 0.05)
+        self.assertLess(accuracy["motion", "where"], 0.4, accuracy)
+        self.assertLess(accuracy["motion", "spectrum"], 0.4, accuracy)
+        self.assertGreater(accuracy["appearance", "spectrum"], 0.5, accuracy)
+        self.assertGreater(accuracy["motion", "two frames"], 0.9, accuracy)  # the motion is there, in time
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
