@@ -2,6 +2,7 @@
 only. Tests make their own videos (PyAV writes real files) and their own checkpoints in the official layouts, and
 check numbers against independent computations. The run ends with one line `N passed, N failed`."""
 import contextlib
+import csv
 import io
 import itertools
 import json
@@ -15,11 +16,13 @@ import sys
 import tempfile
 import unittest
 import warnings
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -27,6 +30,7 @@ torch.set_num_threads(1)  # tiny configs: one thread is faster than two and dete
 
 import data  # noqa: E402
 import distill  # noqa: E402
+import finetune  # noqa: E402
 import model as M  # noqa: E402
 import pretrain_mae  # noqa: E402
 
@@ -1977,6 +1981,352 @@ class TestDistill(unittest.TestCase):
         student = block(n_vis) + 2 * decoder
         want = (image_teacher + video_teacher + 3 * student + 2 * embed) / 1e9
         self.assertAlmostEqual(result["gflop_per_clip"], want, delta=0.2 * want)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+FT_DDP_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID", "GROUP_RANK")
+
+
+def ft_flags(options):
+    """{'--epochs': 2, '--eval': None} -> ['--epochs', '2', '--eval'] (None = a bare switch)."""
+    argv = []
+    for key, value in options.items():
+        argv += [key] if value is None else [key, str(value)]
+    return argv
+
+
+def run_finetune(options, seed=0):
+    """get_args + main of finetune.py in this process from a seeded global RNG. -> (raw model, printed text)."""
+    out = io.StringIO()
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(out):
+        trained = finetune.main(finetune.get_args(ft_flags(options)))
+    return trained, out.getvalue()
+
+
+def json_lines(printed):
+    return [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+
+
+def read_predictions(folder):
+    with open(os.path.join(folder, "predictions.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _f_write_list(folder, name, lines):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def hand_multi_view(model, dataset):
+    """The official test score by hand: softmax of every view, averaged per video, in float64. -> (videos, classes)."""
+    views = dataset.test_num_segment * dataset.test_num_crop
+    out = []
+    with torch.no_grad():
+        for v in range(len(dataset.items)):
+            clips = torch.stack([dataset[(v * views + k, 0)]["video"] for k in range(views)])
+            out.append(model.eval()(clips).double().softmax(-1).mean(0))
+    return torch.stack(out)
+
+
+def ft_assert_identical(test, a, b, where="checkpoint"):
+    """Bit-for-bit equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, dict):
+        test.assertEqual(sorted(map(str, a)), sorted(map(str, b)), f"{where}: different keys")
+        for key in a:
+            ft_assert_identical(test, a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        test.assertEqual(len(a), len(b), where)
+        for i, (x, y) in enumerate(zip(a, b)):
+            ft_assert_identical(test, x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        test.assertEqual((a.dtype, a.shape), (b.dtype, b.shape), where)
+        test.assertTrue(torch.equal(a, b), f"{where}: differs by up to {(a.double() - b.double()).abs().max():.3g}")
+    else:
+        test.assertEqual(a, b, where)
+
+
+def light_augmentation(input_size, flip=True):
+    """Stand-in for the official training augmentation: normalization only (see TestFinetuneLearning)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+class FtKilled(Exception):
+    """Raised right after finetune.py writes its first checkpoint: the test's stand-in for SIGKILL."""
+
+
+class FtStop(Exception):
+    pass
+
+
+class FakeViews(torch.utils.data.Dataset):
+    """3 videos x 3 test views of random (3, 2, 2, 2) clips, as data.VideoDataset(mode="test") returns them.
+    View 1 of video 1 is unreadable, and no view of video 2 is."""
+
+    def __init__(self):
+        self.clips = torch.randn(9, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+        self.items = [("a.mp4", 2), ("b.mp4", 1), ("c.mp4", 0)]
+        self.ok = [True, True, True, True, False, True, False, False, False]
+
+    def __len__(self):
+        return 9
+
+    def __getitem__(self, item):
+        index, _ = item
+        video, view = divmod(index, 3)
+        return {"video": self.clips[index], "label": self.items[video][1], "index": video, "view": view,
+                "ok": self.ok[index]}
+
+
+class TestFinetune(unittest.TestCase):
+    """Stage 3 (issue 6): fine-tuning and the official multi-view evaluation, linear probing, feature extraction."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_finetune_")
+        paths = data.make_synthetic_set(os.path.join(cls.tmp, "synthetic"), num_videos=32, num_frames=16, size=32)
+        cls.root = paths["root"]
+        with open(paths["appearance_train"]) as f:
+            train = [line.strip() for line in f if line.strip()]
+        with open(paths["appearance_val"]) as f:
+            val = [line.strip() for line in f if line.strip()]
+        cls.small = os.path.join(cls.tmp, "small")  # 8 training videos, 5 validation videos
+        _f_write_list(cls.small, "train.csv", train[:8])
+        _f_write_list(cls.small, "val.csv", val[:5])
+        cls.fit = os.path.join(cls.tmp, "fit")  # 16 training videos, evaluated on themselves
+        _f_write_list(cls.fit, "train.csv", train[:16])
+        _f_write_list(cls.fit, "val.csv", train[:16])
+        cls.num_classes = 4  # the appearance labels: 2 shapes x 2 textures
+        # a classifier in the official fine-tuned layout, every parameter non-trivial
+        torch.manual_seed(5)
+        cls.official = M.VideoClassifier("vit_tiny", cls.num_classes, 4, 32, depth=2, init_scale=1.0).eval()
+        with torch.no_grad():
+            for name, p in cls.official.named_parameters():
+                if name.endswith(("q_bias", "v_bias", "fc_norm.weight", "fc_norm.bias", "head.bias")):
+                    p.add_(0.3 * torch.randn_like(p))
+        cls.official_path = os.path.join(cls.tmp, "official_ft.pth")
+        torch.save({"module": cls.official.state_dict()}, cls.official_path)
+        # a distilled student (our distill.py layout: encoder, final norm, two decoders, position tables)
+        cls.student = M.MVDStudent("vit_tiny", 4, 32, decoder_depth=1, img_teacher_dim=192, vid_teacher_dim=192,
+                                   depth=2)
+        cls.student_path = os.path.join(cls.tmp, "student.pth")
+        M.save_checkpoint(cls.student_path, model=cls.student.state_dict(), epoch=0)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, name, data_path=None, **changes):
+        """A tiny run in its own folder: 8 videos, batch 4 -> 2 optimizer steps per epoch, 1 x 1 test views."""
+        opts = {"--model": "vit_tiny", "--depth": 2, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
+                "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--nb_classes": self.num_classes, "--warmup_epochs": 0,
+                "--test_num_segment": 1, "--test_num_crop": 1, "--data_path": data_path or self.small,
+                "--data_root": self.root, "--log_every": 1, "--output_dir": os.path.join(self.tmp, name)}
+        opts.update({f"--{k}": v for k, v in changes.items()})
+        return opts
+
+    def test_layer_decay_groups_of_the_optimizer(self):
+        depth, decay, captured = 3, 0.75, {}
+        real = finetune.train_one_epoch
+
+        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn):
+            real(args, env, model, loader, optimizer, epoch, loss_fn)
+            captured.update(model=model, optimizer=optimizer)
+            raise FtStop
+
+        with mock.patch.object(finetune, "train_one_epoch", one_epoch_then_stop), self.assertRaises(FtStop):
+            # one step (8 videos, batch 8): its lr is the base lr 0.032 * 8 / 256 = 1e-3 times the layer's scale
+            run_finetune(self.options("decay", depth=depth, blr=0.032, batch_size=8))
+        model, optimizer = captured["model"], captured["optimizer"]
+        self.assertEqual(optimizer.param_groups[0]["betas"], (0.9, 0.999))
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        names = dict(model.named_parameters())
+        self.assertEqual(len(group_of), len(names))  # every parameter trains, once
+        layers = set()
+        for name, p in names.items():
+            layer = 0 if name.startswith("patch_embed") else int(name.split(".")[1]) + 1 \
+                if name.startswith("blocks.") else depth + 1  # fc_norm and head: after the last block
+            layers.add(layer)
+            group = group_of[id(p)]
+            self.assertAlmostEqual(group["lr_scale"], decay ** (depth + 1 - layer), places=12, msg=name)
+            self.assertAlmostEqual(group["lr"], decay ** (depth + 1 - layer) * 1e-3, places=12, msg=name)
+            self.assertEqual(group["weight_decay"], 0.0 if p.ndim < 2 else 0.05, name)
+        self.assertEqual(layers, set(range(depth + 2)))
+
+    def test_multi_view_average_equals_a_hand_computation(self):
+        dataset = FakeViews()
+        torch.manual_seed(1)
+        fake = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(24, 4))
+        with torch.no_grad():
+            p = fake(dataset.clips).softmax(-1).double()  # (9 views, 4 classes), float32 softmax as evaluate
+        want = torch.stack([p[0:3].mean(0), p[[3, 5]].mean(0)])  # video 2 has no readable view
+        cpu = dict(ddp=False, device=torch.device("cpu"), dtype=torch.float32)
+        loader = data.make_loader(dataset, 2, shuffle=False, drop_last=False, num_workers=0)
+        stats, probs, counts = finetune.evaluate(fake, loader, SimpleNamespace(rank=0, world_size=1, **cpu), 4)
+        self.assertEqual(counts.tolist(), [3, 2, 0])
+        self.assertTrue(torch.isnan(probs[2]).all())
+        self.assertLess((probs[:2] - want).abs().max().item(), 1e-6)  # float32 logits, batched differently
+        labels = torch.tensor([2, 1])
+        top1 = (want.argmax(1) == labels).double().mean().item() * 100
+        top5 = (want.topk(4, 1).indices == labels[:, None]).any(1).double().mean().item() * 100
+        self.assertEqual(stats, dict(top1=top1, top5=top5, videos=2, views=5, unreadable=1))
+        # two ranks: the DistributedSampler deals the 9 views out in turn and pads rank 1 with view 0 of video 0,
+        # which must not be counted twice; the ranks' sums add up to the one-process result
+        sums, total = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for rank in (0, 1):
+            loader = data.make_loader(dataset, 2, rank=rank, world_size=2, shuffle=False, drop_last=False,
+                                      num_workers=0)
+            self.assertEqual(len(loader.sampler), 5)
+            mean, n = finetune.average_views(lambda clips: fake(clips).float().softmax(-1), loader,
+                                             SimpleNamespace(rank=rank, world_size=2, **cpu), 3, 4)
+            sums += mean.nan_to_num() * n[:, None]
+            total += n
+        self.assertEqual(total.tolist(), [3, 2, 0])
+        self.assertLess((sums[:2] / total[:2, None] - want).abs().max().item(), 1e-6)
+
+    def test_official_fine_tuned_checkpoint_evaluates_to_its_own_logits(self):
+        keys = sorted(torch.load(self.official_path, weights_only=True)["module"])
+        self.assertFalse([k for k in keys if k.startswith("norm.") or "pos_embed" in k])
+        self.assertEqual({k.split(".")[0] for k in keys}, {"patch_embed", "blocks", "fc_norm", "head"})
+        folder = os.path.join(self.tmp, "official_eval")
+        views = dict(test_num_segment=2, test_num_crop=2, short_side_size=48)
+        raw, printed = run_finetune(self.options("official_eval", eval=None, finetune=self.official_path, **views))
+        self.assertRegex(printed, r"missing 0: -; unexpected 0: -")
+        clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            self.assertLess((raw.eval()(clip) - self.official(clip)).abs().max().item(), 1e-6)
+        dataset = data.VideoDataset(os.path.join(self.small, "val.csv"), self.root, mode="test", num_frames=4,
+                                    sampling_rate=2, input_size=32, **views)
+        want = hand_multi_view(self.official, dataset)
+        labels = torch.tensor([label for _, label in dataset.items])
+        (result,) = json_lines(printed)
+        self.assertEqual((result["videos"], result["views"], result["unreadable"]), (5, 20, 0))
+        self.assertAlmostEqual(result["top1"], 100 * (want.argmax(1) == labels).double().mean().item(), places=9)
+        rows = read_predictions(folder)
+        self.assertEqual([r["path"] for r in rows], [path for path, _ in dataset.items])
+        self.assertEqual([int(r["prediction"]) for r in rows], want.argmax(1).tolist())
+        self.assertLess(max(abs(float(r["probability"]) - p) for r, p in zip(rows, want.max(1).values.tolist())), 2e-6)
+
+    def test_fine_tuning_learns_the_appearance_labels(self):
+        # Fits the appearance labels of 16 training videos through the multi-view evaluation (chance: 25%). Held-out
+        # videos stay at chance for a tiny ViT trained from scratch on CPU budgets (see the report), and the official
+        # augmentation (RandAugment, crops down to 8% of the area, erasing) keeps even these 16 from being fitted in
+        # seconds: this test replaces it by normalization alone, and checks finetune.py's loop and evaluation.
+        with mock.patch.object(data, "finetune_augmentation", light_augmentation):
+            _, printed = run_finetune(self.options("fit", data_path=self.fit, epochs=16, warmup_epochs=1, lr=3e-3,
+                                                   num_sample=1, mixup=0, cutmix=0, drop_path=0, smoothing=0,
+                                                   eval_freq=100, log_every=100))
+        (result,) = json_lines(printed)
+        self.assertEqual(result["videos"], 16)
+        self.assertGreaterEqual(result["top1"], 75.0, printed)
+
+    def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
+        opts = dict(epochs=2, eval_freq=1, lr=1e-3, finetune=self.official_path, nb_classes=self.num_classes + 3)
+        whole, printed = run_finetune(self.options("resume_a", **opts))
+        self.assertIn("dropping the checkpoint's head.weight", printed)
+        real = finetune.save_training_state
+
+        def save_then_die(args, model, optimizer, scaler, epoch):
+            real(args, model, optimizer, scaler, epoch)
+            if epoch == 0:
+                raise FtKilled
+
+        with mock.patch.object(finetune, "save_training_state", save_then_die), self.assertRaises(FtKilled):
+            run_finetune(self.options("resume_b", **opts))
+        restarted, printed = run_finetune(self.options("resume_b", **opts), seed=1)
+        self.assertIn("is not read", printed)
+        self.assertIn("resumed from", printed)
+        self.assertNotIn("epoch 0 step", printed)
+        a, b = (torch.load(os.path.join(self.tmp, f"resume_{x}", "checkpoint-last.pth"), weights_only=True)
+                for x in "ab")
+        self.assertEqual((a.pop("epoch"), b.pop("epoch")), (1, 1))
+        a.pop("args"), b.pop("args")  # they name the output folder
+        ft_assert_identical(self, a, b)
+        ft_assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        with open(os.path.join(self.tmp, "resume_a", "log.txt")) as f, \
+                open(os.path.join(self.tmp, "resume_b", "log.txt")) as g:
+            self.assertEqual(f.read(), g.read())
+
+    def test_corrupt_videos_are_skipped_and_listed(self):
+        folder = os.path.join(self.tmp, "corrupt_lists")
+        os.makedirs(os.path.join(self.root, "bad"), exist_ok=True)
+        open(os.path.join(self.root, "bad", "empty.mp4"), "wb").close()
+        with open(os.path.join(self.root, "bad", "text.mp4"), "w") as f:
+            f.write("not a video\n")
+        for split in ("train", "val"):
+            with open(os.path.join(self.small, f"{split}.csv")) as f:
+                lines = [line.strip() for line in f] + ["bad/empty.mp4 0", "bad/text.mp4 1"]
+            _f_write_list(folder, f"{split}.csv", lines)
+        out = os.path.join(self.tmp, "corrupt")
+        _, printed = run_finetune(self.options("corrupt", data_path=folder, batch_size=5))  # 10 videos: all drawn
+        with open(os.path.join(out, "bad_videos.txt")) as f:
+            bad = sorted(line.strip() for line in f if line.strip())
+        self.assertEqual(bad, sorted(os.path.join(self.root, "bad", n) for n in ("empty.mp4", "text.mp4")))
+        (result,) = json_lines(printed)
+        self.assertEqual((result["videos"], result["unreadable"]), (5, 2))
+        rows = {os.path.basename(r["path"]): r for r in read_predictions(out)}
+        self.assertEqual((rows["empty.mp4"]["prediction"], rows["text.mp4"]["prediction"]), ("", ""))
+        self.assertTrue(os.path.exists(os.path.join(out, "checkpoint-last.pth")))
+
+    def test_linear_probe_trains_only_the_head_on_a_frozen_student_encoder(self):
+        raw, printed = run_finetune(self.options("probe", linear_probe=None, finetune=self.student_path, lr=1e-2))
+        self.assertIn("load_checkpoint:", printed)
+        student = self.student.state_dict()
+        for name, value in raw.state_dict().items():
+            if name.startswith(("patch_embed", "blocks")):
+                self.assertTrue(torch.equal(value, student[name]), name)  # loaded, then frozen
+        self.assertIsInstance(raw.head[0], torch.nn.BatchNorm1d)
+        self.assertFalse(raw.head[0].affine)
+        self.assertEqual(raw.head[0].eps, 1e-6)
+        weights = torch.load(os.path.join(self.tmp, "probe", "checkpoint-last.pth"), weights_only=True)
+        head_keys = sorted(k for k in weights["model"] if k.startswith("head."))
+        self.assertEqual(head_keys, ["head.0.num_batches_tracked", "head.0.running_mean", "head.0.running_var",
+                                     "head.1.bias", "head.1.weight"])
+        self.assertEqual(len(weights["optimizer"]["state"]), 2)  # AdamW state for the head's weight and bias only
+        self.assertGreater(weights["model"]["head.1.bias"].abs().max().item(), 0)  # trained from zero
+
+    def test_extract_features_in_list_order(self):
+        out = os.path.join(self.tmp, "features.npy")
+        val = os.path.join(self.small, "val.csv")
+        run_finetune(self.options("features", extract_features=out, finetune=self.student_path, data_path=val))
+        feats = np.load(out)
+        self.assertEqual((feats.dtype, feats.shape), (np.float32, (5, 192)))
+        reference = M.VideoClassifier("vit_tiny", self.num_classes, 4, 32, depth=2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            M.load_checkpoint(reference, self.student_path)
+        dataset = data.VideoDataset(val, self.root, mode="test", num_frames=4, sampling_rate=2, input_size=32,
+                                    short_side_size=32, test_num_segment=1, test_num_crop=1)
+        with torch.no_grad():
+            want = reference.eval().features(torch.stack([dataset[(i, 0)]["video"] for i in range(5)]))
+        self.assertLess(np.abs(feats - want.numpy()).max(), 1e-5)
+        self.assertGreater(np.abs(feats[0] - feats[1]).max(), 1e-3)  # different videos, different rows
+
+    def test_bench_prints_one_json_line(self):
+        _, printed = run_finetune(self.options("bench", bench=2, batch_size=2, num_sample=2))
+        (result,) = json_lines(printed)
+        for key in ("step_s", "clips_per_s", "peak_rss_mb"):
+            self.assertGreater(result[key], 0, key)
+        self.assertAlmostEqual(result["clips_per_s"], 4 / result["step_s"], delta=0.02 * result["clips_per_s"])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bench", "checkpoint-last.pth")))
+
+    def test_ddp_evaluation_equals_one_process(self):
+        options = self.options("ddp_eval", eval=None, finetune=self.official_path)  # 5 views: rank 1 gets a pad
+        env = {k: v for k, v in os.environ.items() if k not in FT_DDP_ENV_KEYS}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py"]
+        ddp = subprocess.run(cmd + ft_flags(options), cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        two = read_predictions(os.path.join(self.tmp, "ddp_eval"))
+        (result,) = json_lines(ddp.stdout)
+        self.assertEqual((result["videos"], result["views"]), (5, 5))
+        run_finetune(self.options("one_eval", eval=None, finetune=self.official_path))
+        one = read_predictions(os.path.join(self.tmp, "one_eval"))
+        self.assertEqual([(r["path"], r["prediction"]) for r in two], [(r["path"], r["prediction"]) for r in one])
+        self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, two)), 1e-5)
 
 
 def main():

@@ -1,0 +1,328 @@
+"""Stage 3: fine-tune an encoder on labelled clips and evaluate it over several views of every video.
+
+The classifier is the encoder on the whole clip, a mean over its tokens, fc_norm and a linear head. Its encoder
+comes from --finetune (our student, a VideoMAE or an official MVD checkpoint); resuming the run itself is
+--resume / --auto_resume and ignores --finetune. The test score of a video is the softmax averaged over
+test_num_segment clips x test_num_crop crops, merged across ranks in the same run (no separate merge step).
+
+    torchrun --nproc_per_node 8 finetune.py --model vit_base --data_set Kinetics-400 --data_path k400 \\
+        --data_root k400/videos --finetune output/distill/checkpoint-last.pth --update_freq 2
+    python finetune.py --eval --finetune mvd_b_k400_ft.pth --data_path k400 --data_root k400/videos
+    python finetune.py --linear_probe --finetune output/distill/checkpoint-last.pth   # frozen encoder, a cheap probe
+    python finetune.py --extract_features feats.npy --finetune student.pth --data_path list.csv
+    python finetune.py          # no --data_path: the synthetic set's appearance task, minutes on a CPU
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, bench_steps, load_checkpoint, param_groups,
+                   read_checkpoint, resume, save_training_state, setup_distributed, train_one_epoch)
+
+# Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
+# 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
+OFFICIAL = dict(epochs=75, warmup_epochs=5, batch_size=6, input_size=224, num_frames=16, sampling_rate=4,
+                test_num_segment=5, test_num_crop=3)
+OFFICIAL_SSV2 = dict(OFFICIAL, epochs=30, batch_size=24, test_num_segment=2)  # segment sampling: no sampling rate
+DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8, sampling_rate=2,
+            test_num_segment=2, test_num_crop=1)
+# ...and these: the official fine-tuning regularization, or none for a linear probe (as MAE's, but with AdamW)
+FINETUNE = dict(blr=5e-4, weight_decay=0.05, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, num_sample=2)
+LINEAR_PROBE = dict(blr=1e-3, weight_decay=0.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, num_sample=1)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
+    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
+    p.add_argument("--pos_embed", choices=["3d", "1d"], default="3d",
+                   help="position table: 3d for MVD students, 1d for VideoMAE checkpoints (the table they learnt)")
+    p.add_argument("--finetune", help="start from the encoder (and a head of the same class count) of this "
+                                      "checkpoint, any layout; ignored when the run resumes")
+    p.add_argument("--data_set", choices=["Kinetics-400", "SSV2", "UCF101", "HMDB51", "custom"], default="Kinetics-400",
+                   help="SSV2: segment sampling and no flip (left/right are in its labels); others: dense and flip")
+    p.add_argument("--data_path", help="folder with train.csv, val.csv and optionally test.csv (then the final "
+                                       "evaluation); omitted: the synthetic demo set's appearance task")
+    p.add_argument("--data_root", default="", help="folder the lists' paths are relative to")
+    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
+    p.add_argument("--nb_classes", type=int, help="default: max label + 1 of train.csv")
+    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
+    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
+    p.add_argument("--num_sample", type=int, help="augmented clips per decoded video (repeated augmentation)")
+    p.add_argument("--test_num_segment", type=int, help="clips per video at test time (official: 5 K400, 2 SSv2)")
+    p.add_argument("--test_num_crop", type=int, help="crops along the long side per clip at test time")
+    p.add_argument("--short_side_size", type=int, help="test frames' short side before cropping (default input size)")
+    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
+    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--blr", type=float, help="base lr: lr = blr * total batch / 256 (5e-4; 1e-3 linear probe)")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine, absolute (as the official)")
+    p.add_argument("--weight_decay", type=float, help="0.05 (0 for a linear probe)")
+    p.add_argument("--layer_decay", type=float, default=0.75, help="lr of block i scaled by decay^(depth + 1 - i)")
+    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
+    p.add_argument("--drop_path", type=float, help="0.1 (0 for a linear probe; the official ViT-L uses 0.3)")
+    p.add_argument("--fc_drop_rate", type=float, default=0.0, help="dropout before the head (ViT-L: 0.5)")
+    p.add_argument("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled so")
+    p.add_argument("--smoothing", type=float, help="label smoothing: 0.1 (0 for a linear probe)")
+    p.add_argument("--mixup", type=float, help="mixup alpha: 0.8 (0 for a linear probe; 0 and --cutmix 0: none)")
+    p.add_argument("--cutmix", type=float, help="cutmix alpha: 1.0 (0 for a linear probe)")
+    p.add_argument("--linear_probe", action=argparse.BooleanOptionalAction, default=False,
+                   help="freeze the encoder; train only a head after a non-affine BatchNorm (MAE's linear probing)")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=False,
+                   help="evaluate the weights of --finetune, else --resume, else OUTPUT_DIR's last checkpoint; exit")
+    p.add_argument("--eval_freq", type=int, default=5, help="evaluate on val.csv every N epochs (and at the end)")
+    p.add_argument("--extract_features", metavar="OUT.npy",
+                   help="save the pooled features (after fc_norm) of every video of val.csv or of the list given "
+                        "as --data_path, centre crop of one clip, float32 (videos, D) in list order; exit")
+    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing of the blocks: less memory, ~30%% more time")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
+                        "CPUs with bf16 matrix units)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="output/finetune")
+    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    p.add_argument("--resume", default="", help="a training checkpoint of this stage to continue from")
+    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
+    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    args = p.parse_args(argv)
+    official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
+    for key, value in {**(official if args.data_path else DEMO), **(LINEAR_PROBE if args.linear_probe else FINETUNE)}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.short_side_size = args.short_side_size or args.input_size
+    if args.precision == "auto":
+        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+    if args.input_size % 16 or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of 16 and --num_frames ({args.num_frames}) "
+                "even (tubes span 2 frames)")
+    return args
+
+
+def load_pretrained(model, path):
+    """Weights of any checkpoint layout (model.load_checkpoint), after dropping a classifier head whose class count
+    differs from the model's, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
+    state = read_checkpoint(path)
+    state = dict(state.get("model", state.get("module", state)))  # where our and the official checkpoints keep weights
+    own = model.state_dict()
+    for key in list(state):
+        name = key
+        while name.startswith(PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in ("head.weight", "head.bias") and name in own and state[key].shape != own[name].shape:
+            print(f"dropping the checkpoint's {name} {tuple(state.pop(key).shape)}: this run has "
+                  f"{own[name].shape[0]} classes, the head starts fresh")
+    if any(key.startswith("encoder.") for key in state):
+        print("note: encoder.* keys, a VideoMAE checkpoint: it learnt the 1d position table (--pos_embed 1d)")
+    print(f"weights from {path}:", end=" ")
+    return load_checkpoint(model, state)
+
+
+@torch.no_grad()
+def average_views(fn, loader, env, num_videos, width):
+    """Mean of fn(clips) -> (n, width) over the readable views of every video, merged across ranks.
+    -> (means (num_videos, width) float64, NaN for a video without a readable view; view counts (num_videos,)).
+    The sampler deals views out to the ranks in turn, so a video's views are spread over ranks: each rank sums what it
+    saw and one all_reduce adds the ranks up. The DistributedSampler pads the last round with repeats of the first
+    views: a rank's j-th view has place j * world_size + rank in the padded order; places past the end are skipped."""
+    sums = torch.zeros(num_videos, width, dtype=torch.float64, device=env.device)
+    counts = torch.zeros(num_videos, dtype=torch.float64, device=env.device)
+    place = env.rank
+    for batch in loader:
+        places = place + env.world_size * torch.arange(len(batch["index"]))
+        place += env.world_size * len(batch["index"])
+        keep = batch["ok"] & (places < len(loader.dataset))
+        if keep.any():
+            with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+                out = fn(batch["video"][keep].to(env.device, non_blocking=True)).double()
+            index = batch["index"][keep].to(env.device)
+            sums.index_add_(0, index, out)
+            counts.index_add_(0, index, torch.ones_like(out[:, 0]))
+    if env.ddp:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return sums / counts[:, None], counts
+
+
+def evaluate(model, loader, env, num_classes):
+    """The official multi-view test: softmax of every view, averaged over a video's views; top-1 / top-5 (%) over the
+    videos with at least one readable view. -> (stats, probabilities (videos, classes), view counts)."""
+    model.eval()
+    items = loader.dataset.items
+    probs, counts = average_views(lambda clips: model(clips).float().softmax(-1), loader, env, len(items), num_classes)
+    labels = torch.tensor([label for _, label in items], device=probs.device)
+    seen = counts > 0
+    hits = probs[seen].topk(min(5, num_classes), dim=1).indices == labels[seen, None]  # (videos seen, 5)
+    stats = dict(top1=100 * hits[:, 0].double().mean().item(), top5=100 * hits.any(1).double().mean().item(),
+                 videos=int(seen.sum()), views=int(counts.sum()), unreadable=int((~seen).sum()))
+    return stats, probs.cpu(), counts.cpu()
+
+
+def main(args):
+    # 1. Devices and DDP
+    env = setup_distributed(args.precision)
+    # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
+    if args.data_path is None and not args.bench:
+        print(f"no --data_path: demo run on the synthetic set's appearance task in {args.synthetic_root} "
+              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
+        data.make_synthetic_set(args.synthetic_root)
+        args.data_path, args.data_root = os.path.join(args.synthetic_root, "appearance"), args.synthetic_root
+    os.makedirs(args.output_dir, exist_ok=True)
+    segment = args.data_set == "SSV2"
+    common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, sampling="segment" if segment else
+                  "dense", input_size=args.input_size, seed=args.seed, output_dir=args.output_dir,
+                  max_bad_videos=args.max_bad_videos)
+    if args.bench:
+        lists = {}
+    elif args.extract_features:
+        lists = {"features": os.path.join(args.data_path, "val.csv") if os.path.isdir(args.data_path) else args.data_path}
+    else:
+        lists = {split: os.path.join(args.data_path, f"{split}.csv") for split in ("train", "val", "test")}
+        lists = {split: path for split, path in lists.items() if os.path.exists(path)}
+        if not ({"val", "test"} & set(lists) if args.eval else {"train", "val"} <= set(lists)):
+            raise ValueError(f"--data_path {args.data_path} must be a folder holding train.csv and val.csv "
+                             "(--eval: val.csv or test.csv)")
+    sets = {split: data.VideoDataset(path, args.data_root, mode="train" if split == "train" else "test",
+                                     num_sample=args.num_sample, flip=not segment, short_side_size=args.short_side_size,
+                                     test_num_segment=1 if split == "features" else args.test_num_segment,
+                                     test_num_crop=1 if split == "features" else args.test_num_crop, **common)
+            for split, path in lists.items()}  # features: one centre crop of one clip (data.py: the first in time)
+    top = {split: max(label for _, label in d.items) for split, d in sets.items()}  # the largest label of each list
+    nb_classes = args.nb_classes or 1 + top.get("train", max(top.values(), default=399))  # --bench: K400's 400
+    if max(top.values(), default=0) >= nb_classes:
+        raise ValueError(f"labels up to {max(top.values())} in the lists, but --nb_classes is {nb_classes}")
+    loaders = {split: data.make_loader(d, args.batch_size * (1 if split == "train" else args.num_sample),
+                                       seed=args.seed, rank=env.rank, world_size=env.world_size,
+                                       shuffle=split == "train", drop_last=split == "train",
+                                       num_workers=args.num_workers, device_type=env.device.type)
+               for split, d in sets.items()}
+    # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
+    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, drop_path=args.drop_path,
+                          head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
+                          use_checkpoint=args.use_checkpoint, depth=args.depth)
+    if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
+        raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
+        raw.requires_grad_(False).head.requires_grad_(True)
+    raw.to(env.device)
+    model = raw  # DDP-wrapped below, once the checkpoint is restored
+    mix = data.mixup_cutmix(nb_classes, args.mixup, args.cutmix, args.smoothing)
+
+    def loss_fn(batch):  # soft-target cross entropy on mixed clips, as the official (timm's SoftTargetCrossEntropy)
+        video = batch["video"].to(env.device, non_blocking=True).flatten(0, 1)  # (B, n, 3, T, H, W) -> (B*n, 3, ...)
+        labels = batch["label"].to(env.device).repeat_interleave(args.num_sample)  # the n copies share a label
+        video, targets = mix(video, labels)
+        return F.cross_entropy(model(video).float(), targets), {}
+
+    if args.bench:
+        return bench(args, env, raw, loss_fn, nb_classes)
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    run_state = args.resume or (last if args.auto_resume and os.path.exists(last) else "")
+    if args.eval or args.extract_features:  # weights only: --finetune, else --resume, else this run's last
+        if not (args.finetune or run_state):
+            raise ValueError("nothing to evaluate: give --finetune PATH or --resume PATH (or train first)")
+        missing, _ = load_pretrained(raw, args.finetune or run_state)
+        if args.eval and any(key.startswith("head.") for key in missing):
+            print("WARNING: the checkpoint has no head for these classes: this evaluates a random head")
+    elif args.finetune and run_state:
+        print(f"resuming this run from {run_state}: --finetune {args.finetune} is not read")
+    elif args.finetune:
+        load_pretrained(raw, args.finetune)
+    else:
+        print("no --finetune: training from a random initialisation (a baseline; the student is "
+              "--finetune output/distill/checkpoint-last.pth)")
+    if args.extract_features:
+        feats, counts = average_views(raw.eval().features, loaders["features"], env, len(sets["features"].items),
+                                      raw.dim)
+        if env.is_main:
+            np.save(args.extract_features, feats.float().cpu().numpy())
+            print(f"features of {int((counts > 0).sum())} videos ({int((counts == 0).sum())} unreadable: NaN rows), "
+                  f"shape {tuple(feats.shape)}, in {args.extract_features}")
+        return raw
+
+    def evaluate_split(split, epoch):
+        """Evaluate, print one JSON line and write OUTPUT_DIR/predictions.csv (path, label, predicted class, its
+        probability; empty for a video without a readable view). -> the stats, for the epoch's log line."""
+        stats, probs, counts = evaluate(raw, loaders[split], env, nb_classes)
+        stats = {"epoch": epoch, "split": split, **stats}
+        if env.is_main:
+            print(json.dumps(stats), flush=True)
+            if stats["unreadable"]:
+                print(f"WARNING: {stats['unreadable']} videos had no readable view and are not counted "
+                      f"(see {os.path.join(args.output_dir, 'bad_videos.txt')})")
+            with open(os.path.join(args.output_dir, "predictions.csv"), "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "label", "prediction", "probability"])
+                for (path, label), p, n in zip(sets[split].items, probs, counts):
+                    writer.writerow([path, label, int(p.argmax()), f"{p.max():.6f}"] if n else [path, label, "", ""])
+        return {f"test_{k}": v for k, v in stats.items() if k != "epoch"}
+
+    final_split = "test" if "test" in sets else "val"
+    if args.eval:
+        stats = evaluate_split(final_split, None)
+        if env.is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"eval": args.finetune or run_state, **stats}) + "\n")
+        return raw
+    # 4. Optimizer: AdamW (0.9, 0.999), layer-wise lr decay, lr scaled with the total batch, min_lr absolute
+    total_batch = args.batch_size * args.update_freq * env.world_size  # videos, as the official (not x num_sample)
+    args.lr = args.lr or args.blr * total_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
+                                  betas=(0.9, 0.999))
+    start_epoch = resume(args, raw, optimizer, env.scaler)
+    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    if env.is_main:
+        print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
+              f"batch {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
+              f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch")
+    # 5. Loop: evaluation every --eval_freq epochs and after the last, one checkpoint per epoch written atomically
+    for epoch in range(start_epoch, args.epochs):
+        stats = {f"train_{k}": v for k, v in train_one_epoch(args, env, model, loaders["train"], optimizer, epoch,
+                                                             loss_fn).items()}
+        if epoch + 1 == args.epochs:
+            stats.update(evaluate_split(final_split, epoch))
+        elif (epoch + 1) % args.eval_freq == 0:
+            stats.update(evaluate_split("val", epoch))
+        if env.is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            save_training_state(args, raw, optimizer, env.scaler, epoch)
+    if env.is_main:
+        print(f"done: classifier weights in {last}")
+    return raw
+
+
+def bench(args, env, model, loss_fn, nb_classes):
+    """Fine-tuning steps on random clips (no data loading, mixup included): one JSON line."""
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay, model.depth), lr=1e-4)
+    B, S, T = args.batch_size, args.input_size, args.num_frames
+    batch = {"video": torch.randn(B, args.num_sample, 3, T, S, S), "label": torch.randint(nb_classes, (B,))}
+
+    def step():
+        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+            loss = loss_fn(batch)[0]
+        env.scaler.scale(loss).backward()
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    print(json.dumps({"model": args.model, "precision": args.precision, "batch_size": B, "num_sample": args.num_sample,
+                      "frames": T, "input_size": S, **bench_steps(step, args.bench, B * args.num_sample)}))
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
+        sys.exit(f"finetune.py: error: {e}")
