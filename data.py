@@ -173,7 +173,7 @@ def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", 
       (the official test loader takes every sampling_rate-th frame and spaces num_views windows over them).
     segment (official SSv2): num_frames equal segments, one frame each, random in training; in testing view k takes
       fraction (1/2 + k/num_views) mod 1 of every segment (centres first; with 2 views the official centres + starts).
-    A video shorter than the clip repeats its last frame.
+    A video shorter than the clip repeats its last frame. sampling_rate 0 repeats one frame: no motion left to see.
     """
     n = num_video_frames
     if sampling == "segment":
@@ -184,6 +184,9 @@ def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", 
             return [int(torch.randint(lo, hi, ())) for lo, hi in zip(bounds, bounds[1:])]
         offset = (0.5 + view / num_views) % 1
         return [int(n / num_frames * (i + offset)) for i in range(num_frames)]
+    if sampling_rate == 0:  # one frame repeated: the single-frame baseline (random frame, or views evenly spaced)
+        frame = int(torch.randint(n, ())) if view is None else int(view * (n - 1) / max(num_views - 1, 1))
+        return [frame] * num_frames
     if view is None:
         span = (num_frames - 1) * sampling_rate + 1
         start = int(torch.randint(max(n - span, 0) + 1, ()))
@@ -230,19 +233,20 @@ def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
     return row * ((height - crop_h) // 4), col * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def finetune_augmentation(input_size, flip=True):
+def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7), erase_prob=0.25):
     """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames.
 
-    torchvision's RandAugment(4, 7) stands in for timm's "rand-m7-n4-mstd0.5-inc1" (no magnitude noise, slightly
-    different op set). Random erasing fills its box with normal noise, the same box and noise in every frame.
+    torchvision's RandAugment(num_ops, magnitude) = (4, 7) stands in for timm's "rand-m7-n4-mstd0.5-inc1" (no magnitude
+    noise, slightly different op set). Random erasing fills its box with normal noise, the same box and noise in every
+    frame. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing augmentation.
     """
     return v2.Compose([
-        v2.RandAugment(num_ops=4, magnitude=7),
+        *([v2.RandAugment(*rand_augment)] if rand_augment else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.RandomResizedCrop(input_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
         *([v2.RandomHorizontalFlip(p=0.5)] if flip else []),  # off for SSv2: left and right are in its labels
-        v2.RandomErasing(p=0.25, value="random"),
+        *([v2.RandomErasing(p=erase_prob, value="random")] if erase_prob else []),
     ])
 
 
@@ -312,7 +316,7 @@ class VideoDataset(SeededDataset):
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
                  input_size=224, teacher_input_size=None, mask_ratio=0.9, tubelet_size=2, patch_size=16,
-                 num_sample=1, flip=True, test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0,
+                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0,
                  output_dir=None, max_bad_videos=None):
         assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
         super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos)
@@ -322,7 +326,7 @@ class VideoDataset(SeededDataset):
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
         self.short_side_size = short_side_size
-        self.augment = finetune_augmentation(input_size, flip) if mode == "train" else None
+        self.augment = finetune_augmentation(input_size, flip, rand_augment, erase_prob) if mode == "train" else None
 
     def __len__(self):
         return len(self.items) * (self.test_num_segment * self.test_num_crop if self.mode == "test" else 1)
@@ -563,9 +567,14 @@ if __name__ == "__main__":
     parser.add_argument("--data_path", help="video list to benchmark on; default: generated 10-s 340x256 videos")
     parser.add_argument("--data_root", default="", help="directory the list's paths are relative to")
     parser.add_argument("--num_clips", type=int, default=40, help="clips timed per reading method")
+    parser.add_argument("--synthetic", metavar="ROOT", help="write the synthetic set (the stages' default) to ROOT")
+    parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
     args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    if args.data_path is None:
+    if args.synthetic:
+        print(json.dumps(make_synthetic_set(args.synthetic, seed=args.synthetic_seed)))
+    elif not args.bench:
+        parser.error("nothing to do: pass --bench or --synthetic ROOT")
+    if args.bench and args.data_path is None:
         args.data_path, args.data_root = benchmark_set(os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))
-    print(json.dumps(benchmark(args.data_path, args.data_root, args.num_clips)))
+    if args.bench:
+        print(json.dumps(benchmark(args.data_path, args.data_root, args.num_clips)))

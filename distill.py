@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, bench_steps, load_checkpoint,
-                   param_groups, read_checkpoint, resume, save_training_state, setup_distributed, train_one_epoch)
+from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
+                   fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume, save_training_state,
+                   setup_distributed, train_one_epoch)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -50,41 +51,10 @@ def get_args(argv=None):
     p.add_argument("--norm_feature", action=argparse.BooleanOptionalAction, default=False,
                    help="LayerNorm (no affine) on each teacher feature (off in the official scripts)")
     p.add_argument("--data_path", help="video list ('path label' lines); omitted: the synthetic demo set")
-    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
-    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
-    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
-    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="per process")
-    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
-    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * total batch / 256")
-    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=1e-5,
-                   help="end of the cosine, scaled by total batch / 256 (the 400-epoch official scripts pass 1e-4)")
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
-    p.add_argument("--drop_path", type=float, default=0.1)
-    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="activation checkpointing of the student's blocks: less memory, ~30%% more time")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
-                        "CPUs with bf16 matrix units)")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="output/distill")
-    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
-    p.add_argument("--resume", default="", help="a training checkpoint to continue from")
-    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
-    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    add_training_flags(p, "output/distill", drop_path=0.1)
     args = p.parse_args(argv)
-    for key, value in (OFFICIAL if args.data_path else DEMO).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
-    if args.precision == "auto":
-        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
     if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
         p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
                 "--video_teacher_loss_weight above 0")
@@ -94,7 +64,7 @@ def get_args(argv=None):
     return args
 
 
-def build_teacher(kind, args, device):
+def build_teacher(kind, args, device, dtype):
     """A frozen teacher in eval mode, encoder only: weights from --{kind}_teacher, else from pretrain_mae.py's default
     output, else random weights (a smoke test, said loudly). Its size comes from the flag, else from our checkpoint."""
     path = getattr(args, f"{kind}_teacher")
@@ -115,7 +85,11 @@ def build_teacher(kind, args, device):
         print(f"WARNING: no {kind} teacher given and none in {default}: using a RANDOMLY INITIALISED {kind} teacher. "
               "This run is a smoke test, not distillation: train one with pretrain_mae.py or pass --"
               f"{kind}_teacher PATH", flush=True)
-    return teacher.to(device).eval().requires_grad_(False)
+    teacher.to(device).eval().requires_grad_(False)
+    for layer in teacher.modules():  # autocast would cast these frozen weights again at every step: do it once
+        if isinstance(layer, torch.nn.Linear) and dtype != torch.float32:
+            layer.to(dtype)
+    return teacher
 
 
 @torch.inference_mode()
@@ -138,7 +112,7 @@ def main(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     # 2. Teachers (frozen, only those with a loss weight) and the student
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
-    teachers = {name: build_teacher(kind, args, env.device)
+    teachers = {name: build_teacher(kind, args, env.device, env.dtype)
                 for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
     raw = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth,
                      img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
@@ -213,7 +187,7 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
         env.scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step()
     result = bench_steps(step, args.bench, B)
     a = torch.randn(2048, 2048, dtype=env.dtype, device=env.device)

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -24,8 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, bench_steps, load_checkpoint, param_groups,
-                   read_checkpoint, resume, save_training_state, setup_distributed, train_one_epoch)
+from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps,
+                   fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume, save_training_state,
+                   setup_distributed, train_one_epoch)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -35,8 +37,10 @@ OFFICIAL_SSV2 = dict(OFFICIAL, epochs=30, batch_size=24, test_num_segment=2)  # 
 DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8, sampling_rate=2,
             test_num_segment=2, test_num_crop=1)
 # ...and these: the official fine-tuning regularization, or none for a linear probe (as MAE's, but with AdamW)
-FINETUNE = dict(blr=5e-4, weight_decay=0.05, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, num_sample=2)
-LINEAR_PROBE = dict(blr=1e-3, weight_decay=0.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, num_sample=1)
+FINETUNE = dict(blr=5e-4, weight_decay=0.05, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, num_sample=2,
+                aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25)
+LINEAR_PROBE = dict(blr=1e-3, weight_decay=0.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, num_sample=1,
+                    aa="none", reprob=0.0)
 
 
 def get_args(argv=None):
@@ -51,26 +55,20 @@ def get_args(argv=None):
                    help="SSV2: segment sampling and no flip (left/right are in its labels); others: dense and flip")
     p.add_argument("--data_path", help="folder with train.csv, val.csv and optionally test.csv (then the final "
                                        "evaluation); omitted: the synthetic demo set's appearance task")
-    p.add_argument("--data_root", default="", help="folder the lists' paths are relative to")
-    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
+    add_training_flags(p, "output/finetune", blr=None, min_lr=1e-6, weight_decay=None, drop_path=None,
+                       lr_note=" (5e-4; 1e-3 linear probe)", absolute_min_lr=True)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flip in training; default: on, off for SSV2 (never for direction labels)")
     p.add_argument("--nb_classes", type=int, help="default: max label + 1 of train.csv")
-    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
-    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
     p.add_argument("--num_sample", type=int, help="augmented clips per decoded video (repeated augmentation)")
     p.add_argument("--test_num_segment", type=int, help="clips per video at test time (official: 5 K400, 2 SSv2)")
     p.add_argument("--test_num_crop", type=int, help="crops along the long side per clip at test time")
     p.add_argument("--short_side_size", type=int, help="test frames' short side before cropping (default input size)")
-    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
-    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--blr", type=float, help="base lr: lr = blr * total batch / 256 (5e-4; 1e-3 linear probe)")
-    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine, absolute (as the official)")
-    p.add_argument("--weight_decay", type=float, help="0.05 (0 for a linear probe)")
     p.add_argument("--layer_decay", type=float, default=0.75, help="lr of block i scaled by decay^(depth + 1 - i)")
-    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
-    p.add_argument("--drop_path", type=float, help="0.1 (0 for a linear probe; the official ViT-L uses 0.3)")
     p.add_argument("--fc_drop_rate", type=float, default=0.0, help="dropout before the head (ViT-L: 0.5)")
     p.add_argument("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled so")
+    p.add_argument("--aa", help="RandAugment as timm's string: rand-m7-n4-mstd0.5-inc1 (magnitude 7, 4 ops), or none")
+    p.add_argument("--reprob", type=float, help="random erasing probability: 0.25 (0 for a linear probe)")
     p.add_argument("--smoothing", type=float, help="label smoothing: 0.1 (0 for a linear probe)")
     p.add_argument("--mixup", type=float, help="mixup alpha: 0.8 (0 for a linear probe; 0 and --cutmix 0: none)")
     p.add_argument("--cutmix", type=float, help="cutmix alpha: 1.0 (0 for a linear probe)")
@@ -82,29 +80,14 @@ def get_args(argv=None):
     p.add_argument("--extract_features", metavar="OUT.npy",
                    help="save the pooled features (after fc_norm) of every video of val.csv or of the list given "
                         "as --data_path, centre crop of one clip, float32 (videos, D) in list order; exit")
-    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="activation checkpointing of the blocks: less memory, ~30%% more time")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
-                        "CPUs with bf16 matrix units)")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
-    p.add_argument("--resume", default="", help="a training checkpoint of this stage to continue from")
-    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
-    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
     args = p.parse_args(argv)
     official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
-    for key, value in {**(official if args.data_path else DEMO), **(LINEAR_PROBE if args.linear_probe else FINETUNE)}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
     args.short_side_size = args.short_side_size or args.input_size
-    if args.precision == "auto":
-        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+    magnitude_ops = re.fullmatch(r"rand-m(\d+)-n(\d+)(-.*)?", args.aa)
+    if args.aa != "none" and not magnitude_ops:
+        p.error(f"--aa {args.aa!r}: give 'none' or a RandAugment string like rand-m7-n4-mstd0.5-inc1")
+    args.rand_augment = (int(magnitude_ops[2]), int(magnitude_ops[1])) if magnitude_ops else None  # (ops, magnitude)
     if args.input_size % 16 or args.num_frames % 2:
         p.error(f"--input_size ({args.input_size}) must be a multiple of 16 and --num_frames ({args.num_frames}) "
                 "even (tubes span 2 frames)")
@@ -194,8 +177,11 @@ def main(args):
         if not ({"val", "test"} & set(lists) if args.eval else {"train", "val"} <= set(lists)):
             raise ValueError(f"--data_path {args.data_path} must be a folder holding train.csv and val.csv "
                              "(--eval: val.csv or test.csv)")
+    flip = not segment if args.flip is None else args.flip
     sets = {split: data.VideoDataset(path, args.data_root, mode="train" if split == "train" else "test",
-                                     num_sample=args.num_sample, flip=not segment, short_side_size=args.short_side_size,
+                                     num_sample=args.num_sample, flip=flip, rand_augment=args.rand_augment,
+                                     erase_prob=args.reprob,
+                                     short_side_size=args.short_side_size,
                                      test_num_segment=1 if split == "features" else args.test_num_segment,
                                      test_num_crop=1 if split == "features" else args.test_num_crop, **common)
             for split, path in lists.items()}  # features: one centre crop of one clip (data.py: the first in time)

@@ -14,8 +14,8 @@ import sys
 import torch
 
 import data
-from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, bench_steps, param_groups, resume,
-                   save_training_state, setup_distributed, train_one_epoch)
+from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
+                   param_groups, resume, save_training_state, setup_distributed, train_one_epoch)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -31,41 +31,16 @@ def get_args(argv=None):
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
     p.add_argument("--decoder_depth", type=int, help="pixel decoder blocks (default: MAE 8; VideoMAE 4, 12 for L/H)")
     p.add_argument("--decoder_dim", type=int, help="pixel decoder width (default: MAE 512; VideoMAE by size)")
+    p.add_argument("--normlize_target", action=argparse.BooleanOptionalAction, default=True,
+                   help="video: reconstruct each tube normalized per channel (official; spelled as the official flag); "
+                        "--no-normlize_target: the 0-1 pixels, for data whose flat regions would be normalized noise")
     p.add_argument("--data_path", help="video list ('path label' lines) or, for --mode image, an image folder; "
                                        "omitted: the synthetic demo set")
-    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
-    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
-    p.add_argument("--num_frames", type=int), p.add_argument("--sampling_rate", type=int)
-    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="per process")
-    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
-    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * total batch / 256")
-    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=1e-5, help="end of the cosine, scaled by total batch / 256 too")
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
-    p.add_argument("--drop_path", type=float, default=0.0)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
-                        "CPUs with bf16 matrix units)")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", help="default output/{mode}_mae, where distill.py looks for teachers")
-    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
-    p.add_argument("--resume", default="", help="a training checkpoint to continue from")
-    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
-    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random tensors and exit")
+    add_training_flags(p, None)
     args = p.parse_args(argv)
-    for key, value in (OFFICIAL if args.data_path else DEMO).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, OFFICIAL if args.data_path else DEMO)
     args.mask_ratio = args.mask_ratio if args.mask_ratio is not None else {"image": 0.75, "video": 0.9}[args.mode]
     args.output_dir = args.output_dir or os.path.join("output", f"{args.mode}_mae")
-    if args.precision == "auto":
-        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     if args.input_size % args.patch_size or args.num_frames % 2:
@@ -82,11 +57,12 @@ def main(args):
     # 2. Model
     if video:
         raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
-                       decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth)
+                       decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,
+                       normalize_target=args.normlize_target, use_checkpoint=args.use_checkpoint)
     else:
         raw = ImageMAE(args.model, args.input_size, args.patch_size, decoder_dim=args.decoder_dim or 512,
                        decoder_depth=8 if args.decoder_depth is None else args.decoder_depth,
-                       drop_path=args.drop_path, depth=args.depth)
+                       drop_path=args.drop_path, depth=args.depth, use_checkpoint=args.use_checkpoint)
     raw.to(env.device)
     if args.bench:
         return bench(args, env, raw)

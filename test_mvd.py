@@ -259,6 +259,56 @@ class TestModelAttention(unittest.TestCase):
         torch.testing.assert_close(c, ref, atol=1e-5, rtol=1e-5)
 
 
+    def test_bf16_cpu_attention_equals_a_float64_reference_with_gradients(self):
+        g = torch.Generator().manual_seed(3)
+        for shape in ((2, 3, 40, 16), (1, 2, 300, 8)):  # batched products below 256 tokens, one head at a time above
+            q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+            grad_out = torch.randn(*shape, generator=g)
+            ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+            ref = torch.softmax(ref_in[0] @ ref_in[1].transpose(-2, -1) / shape[-1] ** 0.5, -1) @ ref_in[2]
+            ref.backward(grad_out.double())
+            with torch.no_grad():
+                out = M.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+            self.assertEqual(out.dtype, torch.bfloat16)
+            self.assertLess((out.double() - ref.detach()).abs().max().item(), 0.03, shape)
+            inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+            out = M.attention(*inputs)
+            out.backward(grad_out.bfloat16())
+            self.assertLess((out.double() - ref.detach()).abs().max().item(), 0.03, shape)
+            for got, want in zip(inputs, ref_in):
+                scale = want.grad.abs().max().item()
+                self.assertLess((got.grad.double() - want.grad).abs().max().item(), 0.03 * scale, shape)
+
+    def test_linear_equals_f_linear_on_every_path(self):
+        g = torch.Generator().manual_seed(4)
+        x, w, b = torch.randn(3, 5, 32, generator=g), torch.randn(24, 32, generator=g) * 0.2, torch.randn(24, generator=g)
+        want = F.linear(x.double(), w.double(), b.double())
+        with torch.no_grad():  # fp32 without autograd: oneDNN where available
+            self.assertLess((M.linear(x, w, b).double() - want).abs().max().item(), 1e-5)
+            self.assertLess((M.linear(x, w, b, gelu=True).double() - F.gelu(want)).abs().max().item(), 1e-5)
+            self.assertLess((M.linear(x, w).double() - F.linear(x.double(), w.double())).abs().max().item(), 1e-5)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast, slow = M.linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b))
+            self.assertEqual((fast.dtype, slow.dtype), (torch.bfloat16, torch.bfloat16))
+            self.assertLess((fast.float() - slow.float()).abs().max().item(), 0.05)
+        w.requires_grad_()
+        out = M.linear(x, w, b, gelu=True)  # with autograd: F.linear, and the gradient flows
+        out.sum().backward()
+        self.assertLess((out.double() - F.gelu(want)).abs().max().item(), 1e-5)
+        self.assertGreater(w.grad.abs().sum().item(), 0)
+
+    def test_flop_formulas_of_the_kernels_the_counter_does_not_know(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        q, k, v = (torch.randn(2, 3, 50, 16, requires_grad=True) for _ in range(3))
+        with FlopCounterMode(display=False, custom_mapping=M.FLOP_FORMULAS) as counter:
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+        self.assertEqual(counter.get_total_flops(), 14 * 2 * 3 * 50 * 50 * 16)  # 2 products forward, 5 backward
+        x, w = torch.randn(7, 32), torch.randn(24, 32)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=M.FLOP_FORMULAS) as counter:
+            M.linear(x, w, gelu=True)
+        self.assertEqual(counter.get_total_flops(), 2 * 7 * 32 * 24)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Position tables
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1020,6 +1070,17 @@ class TestSampling(unittest.TestCase):
         self.assertEqual(views, [[0, 4, 8, 12], [40, 44, 48, 52], [84, 88, 92, 96]])
         self.assertEqual(data.clip_indices(10, 4, 4, view=1, num_views=2), [0, 4, 8, 9])
 
+    def test_sampling_rate_0_repeats_one_frame(self):
+        torch.manual_seed(0)
+        seen = set()
+        for _ in range(200):
+            indices = data.clip_indices(30, 4, 0)
+            self.assertEqual(len(set(indices)), 1, indices)
+            seen.add(indices[0])
+        self.assertEqual(seen, set(range(30)))  # any frame of the video
+        views = [data.clip_indices(31, 4, 0, view=k, num_views=3) for k in range(3)]
+        self.assertEqual(views, [[0] * 4, [15] * 4, [30] * 4])  # views evenly spaced over the video
+
     def test_segment_training(self):
         torch.manual_seed(0)
         seen = [set() for _ in range(4)]
@@ -1552,6 +1613,26 @@ class TestPretrainMAE(unittest.TestCase):
             self.assertLess(np.abs(err[1, 0]).max(), 5e-3, f"p={p}: near-constant tube")
             self.assertGreater(np.abs(want[1, 0]).max(), 1.0)  # the near-constant tube is really normalized
 
+    def test_unnormalized_video_targets_are_the_pixels(self):
+        g = torch.Generator().manual_seed(2)
+        video = torch.randn(2, 3, 4, 8, 8, generator=g)
+        pixels = video * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(
+            1, 3, 1, 1, 1)
+        got = M.video_mae_targets(video, 4, 2, normalize=False)  # (2, 2*2*2 tubes, 2*4*4*3)
+        for b, tt, hh, ww in itertools.product(range(2), range(2), range(2), range(2)):
+            tube = pixels[b, :, 2 * tt:2 * tt + 2, 4 * hh:4 * hh + 4, 4 * ww:4 * ww + 4]  # (c, p0, p1, p2)
+            want = tube.permute(1, 2, 3, 0).flatten()  # (p0 p1 p2 c) order
+            self.assertLess((got[b, tt * 4 + hh * 2 + ww] - want).abs().max().item(), 1e-6)
+        net = M.VideoMAE("vit_tiny", 4, 32, decoder_depth=1, depth=1, normalize_target=False)
+        mask = data.tube_mask((2, 2, 2), 0.75)[None].expand(2, -1)
+        clip = torch.randn(2, 3, 4, 32, 32, generator=g)
+        loss, pred = net(clip, mask)
+        target = M.video_mae_targets(clip, 16, 2, normalize=False)[mask].reshape(pred.shape)
+        self.assertAlmostEqual(loss.item(), F.mse_loss(pred, target).item(), places=6)
+        args = pretrain_mae.get_args(["--no-normlize_target"])
+        self.assertFalse(args.normlize_target)
+        self.assertTrue(pretrain_mae.get_args([]).normlize_target)
+
     def test_image_targets_equal_the_mae_formula(self):
         g = torch.Generator().manual_seed(1)
         for p, S in ((4, 8), (16, 32)):
@@ -1669,6 +1750,24 @@ class TestPretrainMAE(unittest.TestCase):
         c = training_checkpoint(self, os.path.join(self.tmp, "seed_c"))
         self.assertGreater(max_weight_diff(self, a["model"], c["model"]), 1e-3)  # while --seed does change the run
 
+    def test_every_stage_has_the_shared_flags(self):
+        common = ["--use_checkpoint", "--update_freq", "2", "--clip_grad", "1.5", "--seed", "7", "--no-auto_resume",
+                  "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto"]
+        for stage in (pretrain_mae, distill, finetune):
+            args = stage.get_args(common)
+            self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
+                              args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
+            self.assertEqual(args.precision, "fp16" if torch.cuda.is_available() else "fp32")
+        self.assertEqual(pretrain_mae.get_args(["--mode", "image"]).output_dir, os.path.join("output", "image_mae"))
+        self.assertEqual((distill.get_args([]).drop_path, finetune.get_args([]).drop_path,
+                          finetune.get_args(["--linear_probe"]).drop_path), (0.1, 0.1, 0.0))
+        self.assertEqual((pretrain_mae.get_args([]).min_lr, finetune.get_args([]).min_lr), (1e-5, 1e-6))
+
+    def test_decoder_width_not_divisible_by_heads_is_one_clear_error(self):
+        with self.assertRaisesRegex(ValueError, "not divisible by 3 heads"):
+            pretrain_mae.main(pretrain_mae.get_args(["--model", "vit_tiny", "--depth", "1", "--decoder_dim", "128",
+                                                     "--bench", "1"]))
+
     def test_bad_input_size_is_an_argparse_error(self):
         for stage in (pretrain_mae, distill):
             err = io.StringIO()
@@ -1774,8 +1873,8 @@ class TestDistill(unittest.TestCase):
             built, seen = {}, []
             real_build = distill.build_teacher
 
-            def recording_build(kind, args, device):
-                built[kind] = real_build(kind, args, device)
+            def recording_build(kind, args, device, dtype):
+                built[kind] = real_build(kind, args, device, dtype)
                 return built[kind]
 
             def record(i, loss, logs, batch, student):  # before the optimizer step: the same student weights
@@ -1826,6 +1925,20 @@ class TestDistill(unittest.TestCase):
         want = layer_norm_reference(feats, 1e-6)
         self.assertLess((got.double() - want).abs().max().item(), 1e-3,
                         "--norm_feature must use eps 1e-6 like the official LN_img / LN_vid")
+
+    def test_bf16_teachers_cast_their_linear_weights_once_with_the_same_features(self):
+        args = distill.get_args(flags(self.options("cast", precision="bf16")))
+        clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(6))
+        for kind in ("image", "video"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                cast = distill.build_teacher(kind, args, torch.device("cpu"), torch.bfloat16)
+                plain = distill.build_teacher(kind, args, torch.device("cpu"), torch.float32)
+            dtypes = {name: p.dtype for name, p in cast.named_parameters()}
+            self.assertTrue(all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith(("qkv.weight", "fc1.bias"))))
+            self.assertTrue(all(dtypes[n] == torch.float32 for n in dtypes if "norm" in n), kind)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would cast the fp32 weights the same way
+                a, b = (distill.teacher_features(t, clip, False) for t in (cast, plain))
+            self.assertTrue(torch.equal(a, b), kind)
 
     def test_image_teacher_sees_even_frames_in_the_student_tube_order(self):
         torch.manual_seed(5)
@@ -2050,7 +2163,7 @@ def ft_assert_identical(test, a, b, where="checkpoint"):
         test.assertEqual(a, b, where)
 
 
-def light_augmentation(input_size, flip=True):
+def light_augmentation(input_size, flip=True, rand_augment=None, erase_prob=0.0):
     """Stand-in for the official training augmentation: normalization only (see TestFinetuneLearning)."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
@@ -2288,6 +2401,33 @@ class TestFinetune(unittest.TestCase):
                                      "head.1.bias", "head.1.weight"])
         self.assertEqual(len(weights["optimizer"]["state"]), 2)  # AdamW state for the head's weight and bias only
         self.assertGreater(weights["model"]["head.1.bias"].abs().max().item(), 0)  # trained from zero
+
+    def test_augmentation_flags_reach_the_training_transform(self):
+        real, seen = data.finetune_augmentation, []
+
+        def spy(*args):
+            seen.append(args)
+            return real(*args)
+
+        cases = [(dict(), (32, True, (4, 7), 0.25)),  # the official recipe: RandAugment m7 n4, erasing 0.25, flip
+                 (dict(aa="rand-m9-n2-mstd0.5", reprob=0.5, flip=False), (32, False, (2, 9), 0.5)),
+                 (dict(data_set="SSV2"), (32, False, (4, 7), 0.25)),  # SSv2: no flip
+                 (dict(linear_probe=None), (32, True, None, 0.0))]  # MAE's linear probe: crop and flip only
+        for n, (changes, want) in enumerate(cases):
+            if changes.get("flip") is False:
+                changes = {**changes, "no-flip": None}
+                del changes["flip"]
+            with mock.patch.object(data, "finetune_augmentation", spy):
+                run_finetune(self.options(f"augment{n}", **changes))
+            self.assertEqual(seen[-1], want, changes)
+        ops = [type(t).__name__ for t in real(32, True, None, 0.0).transforms]
+        self.assertEqual(ops, ["ToDtype", "Normalize", "RandomResizedCrop", "RandomHorizontalFlip"])
+        ops = [type(t).__name__ for t in real(32, False).transforms]
+        self.assertEqual(ops, ["RandAugment", "ToDtype", "Normalize", "RandomResizedCrop", "RandomErasing"])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
+            finetune.get_args(["--aa", "autoaugment"])
+        self.assertIn("--aa", err.getvalue())
 
     def test_extract_features_in_list_order(self):
         out = os.path.join(self.tmp, "features.npy")
