@@ -570,11 +570,11 @@ if __name__ == "__main__":
     parser.add_argument("--synthetic", metavar="ROOT", help="write the synthetic set (the stages' default) to ROOT")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
     args = parser.parse_args()
+    if not (args.bench or args.synthetic):
+        parser.error("nothing to do: pass --bench or --synthetic ROOT")
     if args.synthetic:
         print(json.dumps(make_synthetic_set(args.synthetic, seed=args.synthetic_seed)))
-    elif not args.bench:
-        parser.error("nothing to do: pass --bench or --synthetic ROOT")
-    if args.bench and args.data_path is None:
-        args.data_path, args.data_root = benchmark_set(os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))
     if args.bench:
-        print(json.dumps(benchmark(args.data_path, args.data_root, args.num_clips)))
+        lists = (args.data_path, args.data_root) if args.data_path else benchmark_set(
+            os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))
+        print(json.dumps(benchmark(*lists, args.num_clips)))

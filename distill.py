@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume, save_training_state,
-                   setup_distributed, train_one_epoch)
+from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
+                   bench_steps, fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume,
+                   save_training_state, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -177,15 +177,7 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     if args.teacher_input_size != S:
         batch["teacher_video"] = torch.randn(B, 3, T, args.teacher_input_size, args.teacher_input_size)
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    autocast = dict(device_type=env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32)
-
-    def step():
-        with torch.autocast(**autocast):
-            loss = loss_fn(batch)[0]
-        env.scaler.scale(loss).backward()
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
 
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps,
                    fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume, save_training_state,
-                   setup_distributed, train_one_epoch)
+                   setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -295,13 +295,7 @@ def bench(args, env, model, loss_fn, nb_classes):
     B, S, T = args.batch_size, args.input_size, args.num_frames
     batch = {"video": torch.randn(B, args.num_sample, 3, T, S, S), "label": torch.randint(nb_classes, (B,))}
 
-    def step():
-        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
-            loss = loss_fn(batch)[0]
-        env.scaler.scale(loss).backward()
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
 
     print(json.dumps({"model": args.model, "precision": args.precision, "batch_size": B, "num_sample": args.num_sample,
                       "frames": T, "input_size": S, **bench_steps(step, args.bench, B * args.num_sample)}))

@@ -786,6 +786,19 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn):
     return {k: v / max(1, count) for k, v in totals.items()}
 
 
+def training_step(env, loss_fn, optimizer):
+    """One optimizer step as train_one_epoch takes it (autocast, grad scaler), on whatever loss_fn() computes: the
+    unit that --bench times."""
+    def step():
+        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+            loss = loss_fn()
+        env.scaler.scale(loss).backward()
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_steps(step_fn, steps, clips_per_step):
     """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb)."""
     import resource

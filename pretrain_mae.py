@@ -15,7 +15,7 @@ import torch
 
 import data
 from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
-                   param_groups, resume, save_training_state, setup_distributed, train_one_epoch)
+                   param_groups, resume, save_training_state, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -123,13 +123,7 @@ def bench(args, env, model):
     else:
         inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
 
-    def step():
-        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
-            loss = model(inputs, **kwargs)[0]
-        env.scaler.scale(loss).backward()
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(env, lambda: model(inputs, **kwargs)[0], optimizer)
 
     print(json.dumps({"mode": args.mode, "model": args.model, "precision": args.precision, "batch_size": B,
                       **bench_steps(step, args.bench, B)}))
