@@ -716,6 +716,12 @@ def resume(args, model, optimizer, scaler):
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
+    log = os.path.join(args.output_dir, "log.txt")
+    if os.path.exists(log) and int(os.environ.get("RANK", 0)) == 0:  # drop lines of an epoch logged, then killed
+        with open(log) as f:  # before its checkpoint was written: that epoch runs again and logs again
+            lines = [line for line in f if int((re.search(r'"epoch": (\d+)', line) or [0, 0])[1]) <= state["epoch"]]
+        with open(log, "w") as f:
+            f.writelines(lines)
     print(f"resumed from {path}: epoch {state['epoch']} done")
     return state["epoch"] + 1
 

@@ -1690,6 +1690,17 @@ class TestPretrainMAE(unittest.TestCase):
         assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
         self.assertEqual(read_log(os.path.join(self.tmp, "resume_a")), read_log(folder))
 
+    def test_killed_between_log_line_and_checkpoint_logs_each_epoch_once(self):
+        opts = dict(epochs=2, lr=1e-3)
+        folder = os.path.join(self.tmp, "log_once")
+        with killed_after_first_checkpoint(pretrain_mae), self.assertRaises(Killed):
+            run_stage(pretrain_mae, self.options("log_once", **opts))
+        with open(os.path.join(folder, "log.txt"), "a") as f:  # epoch 1 logged, then killed before its checkpoint
+            f.write(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n")
+        run_stage(pretrain_mae, self.options("log_once", **opts))
+        self.assertEqual([r["epoch"] for r in read_log(folder)], [0, 1])
+        self.assertNotEqual(read_log(folder)[1]["train_loss"], 9.0)
+
     def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(self):
         opts = dict(blr=0.064, drop_path=0.0)  # lr = 0.064 * 4 / 256 = 1e-3 for a total batch of 4
         ddp = run_ddp("pretrain_mae.py", self.options("ddp2", batch_size=2, **opts))
