@@ -147,22 +147,14 @@ def linear(x, weight, bias=None, gelu=False):
     return F.gelu(x) if gelu else x
 
 
-# FLOP formulas for torch.utils.flop_counter, which does not know the oneDNN product nor the CPU attention kernels
-def linear_flops(x_shape, w_shape, *_, **__):
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
-
-
-def attention_flops(q_shape, k_shape, *_, **__):  # q k^T and probabilities @ v: 2 products of 2*N*M*d per head
-    return 4 * math.prod(q_shape) * k_shape[-2]
-
-
-def attention_backward_flops(grad_shape, q_shape, k_shape, *_, **__):  # grads of q, k, v, probabilities + recompute
-    return 10 * math.prod(q_shape) * k_shape[-2]
-
-
-FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
-                 **({torch.ops.mkldnn._linear_pointwise: linear_flops} if ONEDNN_LINEAR else {})}
+# FLOP formulas (on shapes) for torch.utils.flop_counter, which knows neither the CPU attention kernel nor oneDNN's
+# product: attention is 2 products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
+FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *_, **__: 4 * math.prod(q) * k[-2],
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2],
+    **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, **__: 2 * math.prod(x[:-1]) * w[0] * w[1]}
+       if ONEDNN_LINEAR else {})}
 
 
 def attention(q, k, v, dropout_p=0.0):
