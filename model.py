@@ -63,12 +63,13 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
     p.add_argument("--min_lr", type=float, default=min_lr, help="end of the cosine" + (
-        ", absolute (as the official)" if absolute_min_lr else ", scaled by total batch / 256 too"))
-    p.add_argument("--weight_decay", type=float, default=weight_decay, help=lr_note.strip(" ;()") or None)
+        ", absolute (as the official)" if absolute_min_lr else ", scaled by total batch / 256 too (official 400-epoch "
+                                                                 "distillation scripts: 1e-4)"))
+    p.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW's, not on biases, norms, tokens")
     p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
     p.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate of the trained model")
     p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="activation checkpointing of the trained blocks: less memory, ~30%% more time")
+                   help="activation checkpointing of the trained blocks: less memory, more time")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
                         "CPUs with bf16 matrix units)")
