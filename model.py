@@ -11,6 +11,7 @@ Conventions, said once here:
     Parameter names are the official MAE / VideoMAE / MVD ones, so checkpoints interchange in both directions.
 """
 import argparse
+import atexit
 import contextlib
 import itertools
 import math
@@ -681,6 +682,7 @@ def setup_distributed(precision):
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # gloo's threads left running at exit can abort the process
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
