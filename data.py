@@ -147,6 +147,8 @@ def write_video(path, frames, fps=30, codec="libx264", options=None):
 
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] from lines `path label` (space or comma); files listed but missing are skipped."""
+    if not os.path.isfile(list_path):
+        raise ValueError(f"video list {list_path} does not exist: check --data_path")
     videos = []
     with open(list_path) as f:
         for line_number, line in enumerate(f, 1):

@@ -558,7 +558,8 @@ def read_checkpoint(path):
         raise ValueError(f"checkpoint {path} does not exist: check the path") from None
     except Exception as e:  # truncated files, pickles that would run code, non-checkpoint files
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch's message carries terminal colour codes
-        first = text.splitlines()[0] if text else type(e).__name__
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # the cause, inside torch's long advice
+        first = unpickler[1].strip() if unpickler else text.splitlines()[0] if text else type(e).__name__
         raise ValueError(f"cannot read checkpoint {path} as plain weights ({first}); it is damaged or not a PyTorch "
                          "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
 

@@ -837,6 +837,9 @@ class TestModelUnsafeCheckpoints(unittest.TestCase):
         for path in (truncated, text, os.path.join(self.dir, "missing.pth")):
             with self.subTest(path=os.path.basename(path)):
                 self.assertIn(os.path.basename(path), self.assertOneLineValueError(path))
+        message = self.assertOneLineValueError(text)  # the unpickler's cause, not torch's weights_only advice
+        self.assertNotIn("weights_only", message)
+        self.assertIn("damaged or not a PyTorch checkpoint", message)
         _m_load(self.model, good)  # the intact file loads
 
 
@@ -1202,6 +1205,8 @@ class TestListsAndBadFiles(DatasetCase):
             bad = write_list(os.path.join(self.dir, "bad.csv"), ["v0.mp4 0", "v1.mp4 1", bad_line])
             with self.assertRaisesRegex(ValueError, "bad.csv:3:"):
                 data.load_video_list(bad, self.dir)
+        with self.assertRaisesRegex(ValueError, "nowhere.csv does not exist: check --data_path"):
+            data.load_video_list(os.path.join(self.dir, "nowhere.csv"), self.dir)
 
     def test_missing_files_are_reported_once_and_skipped(self):
         path = write_list(os.path.join(self.dir, "missing.csv"), ["v0.mp4 0", "gone1.mp4 1", "gone2.mp4 2"])
