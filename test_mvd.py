@@ -2180,7 +2180,7 @@ def ft_assert_identical(test, a, b, where="checkpoint"):
 
 
 def light_augmentation(input_size, flip=True, rand_augment=None, erase_prob=0.0):
-    """Stand-in for the official training augmentation: normalization only (see TestFinetuneLearning)."""
+    """Stand-in for the official training augmentation: normalization only (see the held-out fine-tuning test)."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
@@ -2226,9 +2226,6 @@ class TestFinetune(unittest.TestCase):
         cls.small = os.path.join(cls.tmp, "small")  # 8 training videos, 5 validation videos
         _f_write_list(cls.small, "train.csv", train[:8])
         _f_write_list(cls.small, "val.csv", val[:5])
-        cls.fit = os.path.join(cls.tmp, "fit")  # 16 training videos, evaluated on themselves
-        _f_write_list(cls.fit, "train.csv", train[:16])
-        _f_write_list(cls.fit, "val.csv", train[:16])
         cls.num_classes = 4  # the appearance labels: 2 shapes x 2 textures
         # a classifier in the official fine-tuned layout, every parameter non-trivial
         torch.manual_seed(5)
@@ -2340,18 +2337,20 @@ class TestFinetune(unittest.TestCase):
         self.assertEqual([int(r["prediction"]) for r in rows], want.argmax(1).tolist())
         self.assertLess(max(abs(float(r["probability"]) - p) for r, p in zip(rows, want.max(1).values.tolist())), 2e-6)
 
-    def test_fine_tuning_learns_the_appearance_labels(self):
-        # Fits the appearance labels of 16 training videos through the multi-view evaluation (chance: 25%). Held-out
-        # videos stay at chance for a tiny ViT trained from scratch on CPU budgets (see the report), and the official
-        # augmentation (RandAugment, crops down to 8% of the area, erasing) keeps even these 16 from being fitted in
-        # seconds: this test replaces it by normalization alone, and checks finetune.py's loop and evaluation.
+    def test_fine_tuning_beats_chance_on_held_out_videos(self):
+        # The synthetic appearance task (4 textures, chance 25%), 750 training videos, 250 held out, a 2-block ViT
+        # from scratch, 20 epochs (460 steps, about a minute). The official augmentation is replaced by normalization
+        # alone: at 32 px its crops down to 8% of the frame keep a model this small at chance for this budget (measured:
+        # 24% with crops and flips, 63% without). Fixed seed; 45% is 7 standard deviations above chance.
+        paths = data.make_synthetic_set(os.path.join(self.tmp, "held_out"), num_videos=1000, num_frames=16, size=32)
         with mock.patch.object(data, "finetune_augmentation", light_augmentation):
-            _, printed = run_finetune(self.options("fit", data_path=self.fit, epochs=16, warmup_epochs=1, lr=3e-3,
-                                                   num_sample=1, mixup=0, cutmix=0, drop_path=0, smoothing=0,
-                                                   eval_freq=100, log_every=100))
+            _, printed = run_finetune(self.options(
+                "held_out", data_path=os.path.join(paths["root"], "appearance"), data_root=paths["root"], epochs=20,
+                warmup_epochs=1, batch_size=32, lr=5e-4, num_sample=1, mixup=0, cutmix=0, smoothing=0, drop_path=0,
+                layer_decay=1, init_scale=1, eval_freq=100, log_every=1000))
         (result,) = json_lines(printed)
-        self.assertEqual(result["videos"], 16)
-        self.assertGreaterEqual(result["top1"], 75.0, printed)
+        self.assertEqual((result["split"], result["videos"]), ("val", 250))
+        self.assertGreaterEqual(result["top1"], 45.0, printed)
 
     def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
         opts = dict(epochs=2, eval_freq=1, lr=1e-3, finetune=self.official_path, nb_classes=self.num_classes + 3)
