@@ -33,7 +33,6 @@ UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 
 
 # ----------------------------------------------------------------------------------------------- reading and writing
-
 def read_frames(path, indices, decode_all=False):
     """uint8 (len(indices), H, W, 3): the frames at 0-based `indices` in display order (repeats allowed; an index
     past the end gives the last frame).
@@ -167,7 +166,6 @@ def load_video_list(list_path, data_root=""):
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
-
 def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", view=None, num_views=1):
     """Frame indices of one clip. view=None: random (training); else view `view` of `num_views` (testing).
 
@@ -214,7 +212,6 @@ def random_mask(num_patches, mask_ratio, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
-
 def normalize(frames):
     """uint8 (T, 3, H, W) -> float (3, T, H, W), ImageNet-normalized: (x / 255 - mean) / std, in place (3x faster)."""
     return frames.float().sub_(_MEAN_255).div_(_STD_255).transpose(0, 1)
@@ -253,7 +250,6 @@ def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7), erase_prob
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
-
 class TooManyBadVideos(RuntimeError):
     """Raised past --max_bad_videos. One string argument, so the DataLoader can re-raise it from a worker."""
 
@@ -413,7 +409,6 @@ class ImageDataset(SeededDataset):
 
 
 # ------------------------------------------------------------------------------------------- loaders and mixing
-
 class EpochSampler(DistributedSampler):
     """DistributedSampler (order from seed + epoch, rank r takes every world_size-th index) yielding (index, epoch),
     so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch."""
@@ -456,7 +451,6 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
 
 
 # ----------------------------------------------------------------------------------------------- synthetic set
-
 SHAPES = ("disk", "square")  # drawn at random: a nuisance, not a label
 TEXTURES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checker")  # appearance label = position
 MOTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # motion label = position here
@@ -535,7 +529,6 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
-
 def benchmark_set(root, num_videos=10):
     """10-second 340x256 30-fps H.264 videos (x264 defaults: keyframes 250 frames apart), made once."""
     list_path = os.path.join(root, f"bench{num_videos}.csv")

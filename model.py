@@ -46,9 +46,7 @@ def vit_config(size, **overrides):
     return {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Command-line flags the three stages share
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- Command-line flags the three stages share
 def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, lr_note="",
                        absolute_min_lr=False):
     """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
@@ -98,9 +96,7 @@ def fill_defaults(args, *tables):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Fixed sin-cos position tables (pure torch, computed in float64 like the official numpy code, returned as float32)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Fixed sin-cos position tables (pure torch, computed in float64 like the official numpy code, returned as float32)
 def sincos_1d(dim, pos):
     """(L,) positions -> (L, dim): [sin(pos * omega), cos(pos * omega)], omega_i = 1 / 10000^(i / (dim/2))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
@@ -128,9 +124,7 @@ def sinusoid_1d(dim, n):
     return torch.where(j % 2 == 0, angles.sin(), angles.cos()).float()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Building blocks shared by all models
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- Building blocks shared by all models
 # oneDNN's fp32 matrix product runs up to 2x faster than the default BLAS on some CPUs (AMD EPYC, 2 cores: 430 against
 # 210 GFLOP/s) and fuses the GELU (one pass less, in bf16 too); it has no backward, so it serves the frozen teachers
 # and evaluation, not training.
@@ -339,9 +333,7 @@ def visible_then_masked(x_vis, mask, mask_token, pos):
     return torch.cat([x_vis + pos_vis, mask_token.to(x_vis.dtype) + pos_mask], dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Normalized-pixel targets of the two teachers' pretraining
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------ Normalized-pixel targets of the two teachers' pretraining
 def patchify_image(images, p):  # (B, 3, H, W) -> (B, L, p*p*3), pixels of a patch in (p0 p1 c) order as MAE
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
@@ -369,9 +361,7 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     return x.flatten(2)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The four models
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------ The four models
 class ImageMAE(Encoder):
     """Image MAE (He et al.) = the image teacher. Encoder keys at the top level, decoder under MAE's own names.
     decoder_depth=0 builds the encoder alone (a frozen teacher needs no pixel decoder)."""
@@ -527,9 +517,7 @@ class VideoClassifier(Encoder):
         return self.head(self.fc_dropout(self.features(video)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- Checkpoints
 PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, some released checkpoints
 
 
@@ -637,9 +625,7 @@ def save_checkpoint(path, **state):
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Optimizer parameter groups and learning-rate schedule
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- Optimizer parameter groups and learning-rate schedule
 def layer_id(name, depth):
     """Layer of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, everything after -> depth + 1."""
     name = name.removeprefix("encoder.")
@@ -673,9 +659,7 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------ Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
 def setup_distributed(precision):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
     process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
