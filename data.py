@@ -314,8 +314,8 @@ class VideoDataset(SeededDataset):
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
                  input_size=224, teacher_input_size=None, mask_ratio=0.9, tubelet_size=2, patch_size=16,
-                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0,
-                 output_dir=None, max_bad_videos=None):
+                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, test_num_segment=5, test_num_crop=3,
+                 short_side_size=224, seed=0, output_dir=None, max_bad_videos=None):
         assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
         super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos)
         self.mode, self.num_frames, self.sampling_rate, self.sampling = mode, num_frames, sampling_rate, sampling
@@ -451,7 +451,6 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
 
 
 # ----------------------------------------------------------------------------------------------- synthetic set
-SHAPES = ("disk", "square")  # drawn at random: a nuisance, not a label
 TEXTURES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checker")  # appearance label = position
 MOTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # motion label = position here
 
@@ -473,7 +472,8 @@ def render_video(rng, height, width, num_frames, appearance, motion, background_
     background = field[..., None] * colours[0] + (1 - field[..., None]) * colours[1]
     # object: disk or square of equal area, striped or checkered with a random period, phase and two colours
     radius = min(height, width) * rng.uniform(0.28, 0.36)
-    inside = (x ** 2 + y ** 2 <= radius ** 2) if rng.random() < 0.5 else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
+    is_disk = rng.random() < 0.5  # disk or square, drawn at random: a nuisance, not a label
+    inside = (x ** 2 + y ** 2 <= radius ** 2) if is_disk else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
     period, phase = max(3, round(rng.integers(6, 9) * scale)), rng.integers(0, 9)
     bits = [(y + phase) // period, (x + phase) // period, (x + y + phase) // period,
             (y + phase) // period + (x + phase) // period][texture]
