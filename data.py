@@ -232,18 +232,19 @@ def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
     return row * ((height - crop_h) // 4), col * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7), erase_prob=0.25):
+def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7), erase_prob=0.25, crop_scale=0.08):
     """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames.
 
     torchvision's RandAugment(num_ops, magnitude) = (4, 7) stands in for timm's "rand-m7-n4-mstd0.5-inc1" (no magnitude
     noise, slightly different op set). Random erasing fills its box with normal noise, the same box and noise in every
     frame. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing augmentation.
+    crop_scale is the smallest area fraction of the crop (official 0.08; larger keeps tiny frames recognisable).
     """
     return v2.Compose([
         *([v2.RandAugment(*rand_augment)] if rand_augment else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.RandomResizedCrop(input_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
         *([v2.RandomHorizontalFlip(p=0.5)] if flip else []),  # off for SSv2: left and right are in its labels
         *([v2.RandomErasing(p=erase_prob, value="random")] if erase_prob else []),
     ])
@@ -314,8 +315,8 @@ class VideoDataset(SeededDataset):
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
                  input_size=224, teacher_input_size=None, mask_ratio=0.9, tubelet_size=2, patch_size=16,
-                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, test_num_segment=5, test_num_crop=3,
-                 short_side_size=224, seed=0, output_dir=None, max_bad_videos=None):
+                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, crop_scale=0.08, test_num_segment=5,
+                 test_num_crop=3, short_side_size=224, seed=0, output_dir=None, max_bad_videos=None):
         assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
         super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos)
         self.mode, self.num_frames, self.sampling_rate, self.sampling = mode, num_frames, sampling_rate, sampling
@@ -324,7 +325,8 @@ class VideoDataset(SeededDataset):
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
         self.short_side_size = short_side_size
-        self.augment = finetune_augmentation(input_size, flip, rand_augment, erase_prob) if mode == "train" else None
+        self.augment = (finetune_augmentation(input_size, flip, rand_augment, erase_prob, crop_scale)
+                        if mode == "train" else None)
 
     def __len__(self):
         return len(self.items) * (self.test_num_segment * self.test_num_crop if self.mode == "test" else 1)
@@ -568,11 +570,14 @@ if __name__ == "__main__":
     parser.add_argument("--num_clips", type=int, default=40, help="clips timed per reading method")
     parser.add_argument("--synthetic", metavar="ROOT", help="write the synthetic set (the stages' default) to ROOT")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
+    parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
+    parser.add_argument("--synthetic_val", type=float, default=0.25, help="fraction of them held out in val.csv")
     args = parser.parse_args()
     if not (args.bench or args.synthetic):
         parser.error("nothing to do: pass --bench or --synthetic ROOT")
     if args.synthetic:
-        print(json.dumps(make_synthetic_set(args.synthetic, seed=args.synthetic_seed)))
+        print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
+                                            val_fraction=args.synthetic_val)))
     if args.bench:
         lists = (args.data_path, args.data_root) if args.data_path else benchmark_set(
             os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))

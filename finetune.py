@@ -68,6 +68,8 @@ def get_args(argv=None):
     p.add_argument("--fc_drop_rate", type=float, default=0.0, help="dropout before the head (ViT-L: 0.5)")
     p.add_argument("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled so")
     p.add_argument("--aa", help="RandAugment as timm's string: rand-m7-n4-mstd0.5-inc1 (magnitude 7, 4 ops), or none")
+    p.add_argument("--crop_scale", type=float, default=0.08,
+                   help="smallest area fraction of the training random-resized crop (0.5-1 for frames under 100 px)")
     p.add_argument("--reprob", type=float, help="random erasing probability: 0.25 (0 for a linear probe)")
     p.add_argument("--smoothing", type=float, help="label smoothing: 0.1 (0 for a linear probe)")
     p.add_argument("--mixup", type=float, help="mixup alpha: 0.8 (0 for a linear probe; 0 and --cutmix 0: none)")
@@ -180,7 +182,7 @@ def main(args):
     flip = not segment if args.flip is None else args.flip
     sets = {split: data.VideoDataset(path, args.data_root, mode="train" if split == "train" else "test",
                                      num_sample=args.num_sample, flip=flip, rand_augment=args.rand_augment,
-                                     erase_prob=args.reprob,
+                                     erase_prob=args.reprob, crop_scale=args.crop_scale,
                                      short_side_size=args.short_side_size,
                                      test_num_segment=1 if split == "features" else args.test_num_segment,
                                      test_num_crop=1 if split == "features" else args.test_num_crop, **common)

@@ -22,6 +22,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1168,6 +1169,22 @@ class TestTransforms(DatasetCase):
         self.assertFalse(torch.equal(sample["video"][0], sample["video"][1]))  # two augmentations of one clip
         self.assertTrue(torch.equal(sample["video"], dataset[(4, 0)]["video"]))
 
+    def test_crop_scale_is_the_smallest_crop_area(self):
+        # a frame whose value is its column: the crop's width, as a fraction of the frame's, is the span of the values
+        ramp = tv_tensors.Video(torch.arange(64, dtype=torch.uint8).expand(2, 3, 64, 64))  # (T, 3, H, W)
+
+        def widths(crop_scale):
+            torch.manual_seed(0)
+            augment = data.finetune_augmentation(64, False, None, 0, crop_scale)
+            spans = [(lambda x: (x.amax() - x.amin()).item())(augment(ramp)[:, 0]) for _ in range(40)]
+            return torch.tensor(spans) / (63 / 255 / data.IMAGENET_STD[0])
+
+        self.assertGreater(widths(1.0).min(), 0.97)  # no area to lose: the whole frame (aspect draws fall back to it)
+        half = widths(0.5)  # area >= 0.5 and aspect <= 4/3: width >= sqrt(0.5 * 3 / 4) = 0.61
+        self.assertGreater(half.min(), 0.58)
+        self.assertLess(half.min(), 0.9)
+        self.assertLess(widths(0.08).min(), 0.5)  # the official lower bound: crops down to 8% of the frame
+
     def test_test_views(self):
         dataset = self.dataset(mode="test", test_num_segment=2, test_num_crop=3, input_size=48, short_side_size=48)
         self.assertEqual(len(dataset), 6 * 6)
@@ -1361,6 +1378,19 @@ class TestSyntheticSet(unittest.TestCase):
                                         seed=1, val_fraction=0.5)
         with open(video, "rb") as a, open(os.path.join(other["root"], "videos", "0000.mp4"), "rb") as b:
             self.assertEqual(a.read(), b.read())  # deterministic from the seed
+
+    def test_command_line_sizes_the_set(self):
+        root = os.path.join(TMP, "synthetic_cli")
+        out = subprocess.run([sys.executable, "data.py", "--synthetic", root, "--synthetic_videos", "8",
+                              "--synthetic_val", "0.25", "--synthetic_seed", "3"], cwd=HERE, capture_output=True,
+                             text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        paths = json.loads(out.stdout)
+        self.assertEqual([len(data.load_video_list(paths[k], root)) for k in ("all", "motion_train", "motion_val")],
+                         [8, 6, 2])
+        with open(os.path.join(root, "synthetic.json")) as f:
+            params = json.load(f)
+        self.assertEqual((params["seed"], params["val_fraction"], params["size"]), (3, 0.25, 64))
 
     def load(self, key, indices=(0, 1, 8)):
         items = data.load_video_list(self.paths[key], self.root)
