@@ -2209,7 +2209,7 @@ def ft_assert_identical(test, a, b, where="checkpoint"):
         test.assertEqual(a, b, where)
 
 
-def light_augmentation(input_size, flip=True, rand_augment=None, erase_prob=0.0):
+def light_augmentation(input_size, flip=True, rand_augment=None, erase_prob=0.0, crop_scale=0.08):
     """Stand-in for the official training augmentation: normalization only (see the held-out fine-tuning test)."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
@@ -2454,10 +2454,10 @@ class TestFinetune(unittest.TestCase):
             seen.append(args)
             return real(*args)
 
-        cases = [(dict(), (32, True, (4, 7), 0.25)),  # the official recipe: RandAugment m7 n4, erasing 0.25, flip
-                 (dict(aa="rand-m9-n2-mstd0.5", reprob=0.5, flip=False), (32, False, (2, 9), 0.5)),
-                 (dict(data_set="SSV2"), (32, False, (4, 7), 0.25)),  # SSv2: no flip
-                 (dict(linear_probe=None), (32, True, None, 0.0))]  # MAE's linear probe: crop and flip only
+        cases = [(dict(), (32, True, (4, 7), 0.25, 0.08)),  # the official recipe: RandAugment m7 n4, erasing, flip
+                 (dict(aa="rand-m9-n2-mstd0.5", reprob=0.5, flip=False, crop_scale=0.5), (32, False, (2, 9), 0.5, 0.5)),
+                 (dict(data_set="SSV2"), (32, False, (4, 7), 0.25, 0.08)),  # SSv2: no flip
+                 (dict(linear_probe=None), (32, True, None, 0.0, 0.08))]  # MAE's linear probe: crop and flip only
         for n, (changes, want) in enumerate(cases):
             if changes.get("flip") is False:
                 changes = {**changes, "no-flip": None}
