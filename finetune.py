@@ -295,7 +295,8 @@ def bench(args, env, model, loss_fn, nb_classes):
     """Fine-tuning steps on random clips (no data loading, mixup included): one JSON line."""
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay, model.depth), lr=1e-4)
     B, S, T = args.batch_size, args.input_size, args.num_frames
-    batch = {"video": torch.randn(B, args.num_sample, 3, T, S, S), "label": torch.randint(nb_classes, (B,))}
+    batch = {"video": torch.randn(B, args.num_sample, 3, T, S, S, device=env.device),
+             "label": torch.randint(nb_classes, (B,), device=env.device)}
 
     step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
 

@@ -13,6 +13,7 @@ Conventions, said once here:
 import argparse
 import atexit
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -70,8 +71,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing of the trained blocks: less memory, more time")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = fp16 on CUDA (the official runs), fp32 on CPU (bf16 pays off only on "
-                        "CPUs with bf16 matrix units)")
+                   help="autocast dtype; auto: bf16 on GPUs that have it (else fp16 with loss scaling, as the official "
+                        "runs) and on CPUs with bf16 matrix units, else fp32 (fp16 on a CPU only with fp16 units)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,13 +87,16 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
 
 
 def fill_defaults(args, *tables):
-    """Flags left at None take the first table's value that has them; precision auto becomes fp16 on CUDA, else fp32."""
+    """Flags left at None take the first table's value that has them; --precision auto becomes what this device computes
+    fastest (auto_precision), said in one line."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     if args.precision == "auto":
-        args.precision = "fp16" if torch.cuda.is_available() else "fp32"
+        args.precision, why = auto_precision(torch.cuda.is_available())
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--precision auto: {args.precision} ({why})", flush=True)
     return args
 
 
@@ -124,19 +128,48 @@ def sinusoid_1d(dim, n):
     return torch.where(j % 2 == 0, angles.sin(), angles.cos()).float()
 
 
+# ------------------------------------------------------------------- What this CPU computes fast, probed once a process
+@functools.cache
+def cpu_kernels():
+    """The CPU's fast paths, found out from what it does rather than assumed. CPUs differ: with AVX-512 (BF16) or AMX
+    a bf16 matrix product runs 1-3x faster than fp32; with AVX2 alone it is emulated, 50-100x slower, and oneDNN has no
+    bf16 kernels at all. -> bf16, fp16: oneDNN's own check for products in that dtype (the one PyTorch's matmul goes
+    by; a timed probe was tried and is unreliable on a loaded machine); onednn_linear: the dtypes oneDNN's fused
+    linear runs in; bf16_attention: plain products for bf16 attention (see attention()). MVD_FAST_KERNELS=0 turns
+    both fast paths off: plain PyTorch, the fallback that always works (the tests force it too)."""
+    def linear_runs(dtype):  # oneDNN on a tiny input in this dtype: some CPUs lack the kernel ("could not create a
+        x = torch.ones(4, 8, dtype=dtype)  # primitive descriptor"), so a failure here is expected, not an error
+        try:
+            with torch.no_grad():
+                out = torch.ops.mkldnn._linear_pointwise(x, torch.ones(2, 8, dtype=dtype), None, "gelu", [], "none")
+            return bool((out == 8).all())  # gelu(8) = 8: a wrong result counts as not running
+        except (RuntimeError, AttributeError):
+            return False
+
+    onednn, fast = torch.backends.mkldnn.is_available(), os.environ.get("MVD_FAST_KERNELS", "1") != "0"
+    bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return SimpleNamespace(bf16=bf16, fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+                           bf16_attention=fast and bf16,
+                           onednn_linear=tuple(d for d in (torch.float32, torch.bfloat16) if fast and onednn and
+                                               linear_runs(d)))
+
+
+def auto_precision(cuda):
+    """--precision auto -> what this device computes fastest: on CUDA bf16 where the GPU has it, else fp16 (with the
+    loss scaler); on a CPU bf16 where it has bf16 matrix units, else fp32. -> (precision, why)."""
+    if cuda:
+        return ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("fp16", "no bf16 on this GPU")
+    return ("bf16", "this CPU has bf16 matrix units") if cpu_kernels().bf16 else ("fp32", "no bf16 units on this CPU")
+
+
 # --------------------------------------------------------------------------------- Building blocks shared by all models
-# oneDNN's fp32 matrix product runs up to 2x faster than the default BLAS on some CPUs (AMD EPYC, 2 cores: 430 against
-# 210 GFLOP/s) and fuses the GELU (one pass less, in bf16 too); it has no backward, so it serves the frozen teachers
-# and evaluation, not training.
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 def linear(x, weight, bias=None, gelu=False):
-    """F.linear, then the exact GELU if gelu; through oneDNN on the CPU when no gradient is recorded, in the dtype
-    F.linear would compute in (autocast's, else the input's)."""
+    """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it runs in this dtype:
+    its fp32 product is up to 2x the default BLAS on some CPUs (AMD EPYC, 2 cores: 430 against 210 GFLOP/s) and it fuses
+    the GELU; it has no backward, so it serves the frozen teachers and evaluation. The dtype is what F.linear would
+    compute in (autocast's, else the input's)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if ONEDNN_LINEAR and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and not (
-            torch.is_grad_enabled()):
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in cpu_kernels().onednn_linear:
         x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     x = F.linear(x, weight, bias)
@@ -150,16 +183,16 @@ FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2],
     **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, **__: 2 * math.prod(x[:-1]) * w[0] * w[1]}
-       if ONEDNN_LINEAR else {})}
+       if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {})}
 
 
 def attention(q, k, v, dropout_p=0.0):
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention, except in bf16 on the CPU, where
-    its fused kernel reaches a fraction of the bf16 matrix units and plain products run 2-4x faster (1,568 tokens, a
-    ViT-B layer, 2 clips: 31 against 83 ms forward; ViT-S decoder forward + backward: 57 against 109 ms). For long
-    sequences one head at a time, so that its (N, N) probabilities stay in cache: a loop over heads, not tokens."""
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), except
+    in bf16 on a CPU with bf16 units, where its fused kernel reaches a fraction of them and plain products run 2-4x
+    faster (1,568 tokens, a ViT-B layer, 2 clips: 31 against 83 ms forward; ViT-S decoder forward + backward: 57
+    against 109 ms). For long sequences one head at a time, so that its (N, N) probabilities stay in cache."""
     B, heads, N, d = q.shape
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p:
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p or not cpu_kernels().bf16_attention:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if N < 256:
         return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
@@ -667,7 +700,8 @@ def setup_distributed(precision):
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)  # gloo's threads left running at exit can abort the process
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
+        # running at exit can abort the process
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
@@ -675,6 +709,12 @@ def setup_distributed(precision):
     else:
         device = torch.device("cuda" if cuda else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if not cuda and precision == "fp16" and not cpu_kernels().fp16:
+        raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
+                         "(~50x slower than fp32): use --precision auto, bf16 or fp32")
+    if not cuda and precision == "bf16" and not cpu_kernels().bf16 and rank == 0:
+        print("WARNING: --precision bf16 on a CPU without bf16 matrix units: correct but emulated, 50-100x slower "
+              "than fp32; --precision auto picks fp32 here", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
                            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
@@ -786,14 +826,19 @@ def training_step(env, loss_fn, optimizer):
 
 
 def bench_steps(step_fn, steps, clips_per_step):
-    """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb)."""
+    """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb and, on
+    CUDA, peak_gpu_mb). CUDA runs asynchronously: each timed call ends when the GPU is done."""
     import resource
+    cuda = torch.cuda.is_available()
     step_fn()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step_fn()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]
     return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else {}))

@@ -261,6 +261,14 @@ class TestModelAttention(unittest.TestCase):
 
 
     def test_bf16_cpu_attention_equals_a_float64_reference_with_gradients(self):
+        for fast in (True, False):  # plain products (forced on: they run anywhere, emulated bf16 only slower) and SDPA
+            kernels = SimpleNamespace(**{**vars(M.cpu_kernels()), "bf16_attention": fast})
+            with mock.patch.object(M, "cpu_kernels", lambda: kernels), \
+                    mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+                self._check_bf16_attention()
+            self.assertEqual(sdpa.called, not fast)
+
+    def _check_bf16_attention(self):
         g = torch.Generator().manual_seed(3)
         for shape in ((2, 3, 40, 16), (1, 2, 300, 8)):  # batched products below 256 tokens, one head at a time above
             q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
@@ -280,11 +288,13 @@ class TestModelAttention(unittest.TestCase):
                 scale = want.grad.abs().max().item()
                 self.assertLess((got.grad.double() - want.grad).abs().max().item(), 0.03 * scale, shape)
 
-    def test_linear_equals_f_linear_on_every_path(self):
+    def _check_linear(self, dtypes):
+        """M.linear against float64 F.linear with the kernel choice forced to oneDNN for `dtypes` (() = plain torch)."""
+        kernels = SimpleNamespace(**{**vars(M.cpu_kernels()), "onednn_linear": dtypes})
         g = torch.Generator().manual_seed(4)
         x, w, b = torch.randn(3, 5, 32, generator=g), torch.randn(24, 32, generator=g) * 0.2, torch.randn(24, generator=g)
         want = F.linear(x.double(), w.double(), b.double())
-        with torch.no_grad():  # fp32 without autograd: oneDNN where available
+        with mock.patch.object(M, "cpu_kernels", lambda: kernels), torch.no_grad():
             self.assertLess((M.linear(x, w, b).double() - want).abs().max().item(), 1e-5)
             self.assertLess((M.linear(x, w, b, gelu=True).double() - F.gelu(want)).abs().max().item(), 1e-5)
             self.assertLess((M.linear(x, w).double() - F.linear(x.double(), w.double())).abs().max().item(), 1e-5)
@@ -292,11 +302,70 @@ class TestModelAttention(unittest.TestCase):
                 fast, slow = M.linear(x, w, b, gelu=True), F.gelu(F.linear(x, w, b))
             self.assertEqual((fast.dtype, slow.dtype), (torch.bfloat16, torch.bfloat16))
             self.assertLess((fast.float() - slow.float()).abs().max().item(), 0.05)
-        w.requires_grad_()
-        out = M.linear(x, w, b, gelu=True)  # with autograd: F.linear, and the gradient flows
-        out.sum().backward()
+            w.requires_grad_()
+            with torch.enable_grad():  # with autograd: F.linear, and the gradient flows
+                out = M.linear(x, w, b, gelu=True)
+                out.sum().backward()
         self.assertLess((out.double() - F.gelu(want)).abs().max().item(), 1e-5)
         self.assertGreater(w.grad.abs().sum().item(), 0)
+
+    def test_linear_plain_torch_fallback_equals_f_linear(self):
+        self._check_linear(())  # what every CPU without oneDNN's kernels runs, and MVD_FAST_KERNELS=0
+
+    def test_linear_onednn_path_equals_f_linear(self):
+        dtypes = M.cpu_kernels().onednn_linear
+        if torch.bfloat16 not in dtypes:
+            self.skipTest(f"oneDNN's fused linear runs here only in {[str(d) for d in dtypes] or 'no dtype'}: "
+                          "no bf16 kernel on this CPU")
+        calls = []
+        real = torch.ops.mkldnn._linear_pointwise
+        with mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real(*a)):
+            self._check_linear(dtypes)
+        self.assertEqual(set(calls), {torch.float32, torch.bfloat16})  # the fast path did serve both dtypes
+
+    def test_hardware_probe_matches_what_the_kernels_do(self):
+        k = M.cpu_kernels()
+        self.assertIs(M.cpu_kernels(), k)  # probed once per process
+        for dtype in (torch.float32, torch.bfloat16):  # the probe's verdict is what running the kernel gives
+            try:
+                with torch.no_grad():
+                    torch.ops.mkldnn._linear_pointwise(torch.ones(3, 4, dtype=dtype), torch.ones(5, 4, dtype=dtype),
+                                                       None, "none", [], "")
+                runs = True
+            except RuntimeError:
+                runs = False
+            self.assertEqual(dtype in k.onednn_linear, runs and os.environ.get("MVD_FAST_KERNELS") != "0", dtype)
+        self.assertEqual(k.bf16_attention, k.bf16 and os.environ.get("MVD_FAST_KERNELS") != "0")
+        self.assertEqual(M.auto_precision(cuda=False)[0], "bf16" if k.bf16 else "fp32")
+        with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: False):
+            self.assertEqual(M.auto_precision(cuda=True)[0], "fp16")
+        with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
+            self.assertEqual(M.auto_precision(cuda=True)[0], "bf16")
+        code = "import model; k = model.cpu_kernels(); print(k.onednn_linear, k.bf16_attention)"
+        env = {**os.environ, "MVD_FAST_KERNELS": "0"}
+        forced = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
+        self.assertEqual(forced.stdout.strip(), "() False", forced.stderr[-2000:])
+
+    def test_precision_flags_run_or_refuse_in_one_line_on_this_cpu(self):
+        k = M.cpu_kernels()
+        for precision in ("fp16", "bf16"):
+            units = getattr(k, precision)
+            out = io.StringIO()
+            with mock.patch.object(M, "cpu_kernels", lambda: SimpleNamespace(**{**vars(k), precision: False})), \
+                    contextlib.redirect_stdout(out), mock.patch.object(torch.cuda, "is_available", lambda: False):
+                if precision == "fp16":  # emulated fp16 is refused: one error line naming what to use instead
+                    with self.assertRaisesRegex(ValueError, "no fp16 matrix units.*--precision auto"):
+                        M.setup_distributed("fp16")
+                else:  # emulated bf16 runs, and says once that it is slow
+                    self.assertEqual(M.setup_distributed("bf16").dtype, torch.bfloat16)
+                    self.assertEqual(out.getvalue().count("emulated"), 1, out.getvalue())
+            self.assertEqual(units, getattr(M.cpu_kernels(), precision))  # the probe itself is untouched
+        result = subprocess.run([sys.executable, "distill.py", "--precision", "fp16", "--bench", "1"], cwd=HERE,
+                                capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if not k.fp16:
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.stderr.strip().splitlines(), [result.stderr.strip()])  # one line, no traceback
+            self.assertIn("distill.py: error: --precision fp16", result.stderr)
 
     def test_flop_formulas_of_the_kernels_the_counter_does_not_know(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -1451,9 +1520,10 @@ def make_data(root, num_videos=16):
 
 
 def flags(options):
-    """{'--epochs': 2, '--norm_feature': None} -> ['--epochs', '2', '--norm_feature'] (None = a bare switch)."""
+    """{'--epochs': 2, '--norm_feature': None} -> ['--epochs', '2', '--norm_feature'] (None = a bare switch). fp32 unless
+    the options say otherwise: exact resume and DDP equality hold in fp32, and auto means bf16 on some CPUs."""
     argv = []
-    for key, value in options.items():
+    for key, value in {"--precision": "fp32", **options}.items():
         argv += [key] if value is None else [key, str(value)]
     return argv
 
@@ -1803,7 +1873,7 @@ class TestPretrainMAE(unittest.TestCase):
             args = stage.get_args(common)
             self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
                               args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
-            self.assertEqual(args.precision, "fp16" if torch.cuda.is_available() else "fp32")
+            self.assertEqual(args.precision, M.auto_precision(torch.cuda.is_available())[0])
         self.assertEqual(pretrain_mae.get_args(["--mode", "image"]).output_dir, os.path.join("output", "image_mae"))
         self.assertEqual((distill.get_args([]).drop_path, finetune.get_args([]).drop_path,
                           finetune.get_args(["--linear_probe"]).drop_path), (0.1, 0.1, 0.0))
@@ -2145,24 +2215,12 @@ class TestDistill(unittest.TestCase):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-FT_DDP_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "TORCHELASTIC_RUN_ID", "GROUP_RANK")
-
-
-def ft_flags(options):
-    """{'--epochs': 2, '--eval': None} -> ['--epochs', '2', '--eval'] (None = a bare switch)."""
-    argv = []
-    for key, value in options.items():
-        argv += [key] if value is None else [key, str(value)]
-    return argv
-
-
 def run_finetune(options, seed=0):
     """get_args + main of finetune.py in this process from a seeded global RNG. -> (raw model, printed text)."""
     out = io.StringIO()
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(out):
-        trained = finetune.main(finetune.get_args(ft_flags(options)))
+        trained = finetune.main(finetune.get_args(flags(options)))
     return trained, out.getvalue()
 
 
@@ -2500,10 +2558,10 @@ class TestFinetune(unittest.TestCase):
 
     def test_ddp_evaluation_equals_one_process(self):
         options = self.options("ddp_eval", eval=None, finetune=self.official_path)  # 5 views: rank 1 gets a pad
-        env = {k: v for k, v in os.environ.items() if k not in FT_DDP_ENV_KEYS}
+        env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py"]
-        ddp = subprocess.run(cmd + ft_flags(options), cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        ddp = subprocess.run(cmd + flags(options), cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
         self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
         two = read_predictions(os.path.join(self.tmp, "ddp_eval"))
         (result,) = json_lines(ddp.stdout)
@@ -2514,11 +2572,114 @@ class TestFinetune(unittest.TestCase):
         self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, two)), 1e-5)
 
 
+# ============================================================================================================== CUDA
+@unittest.skipUnless(torch.cuda.is_available(), "no CUDA device: these run where torch.cuda.is_available() "
+                                                "(python test_mvd.py TestCuda)")
+class TestCuda(unittest.TestCase):
+    """The same code on a GPU: a step of every stage in fp16 (loss scaling) and bf16, the fused attention kernels,
+    nccl through torchrun, and checkpoints that move between the GPU and the CPU."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_cuda_")
+        cls.list_path, cls.root = make_data(cls.tmp)  # 16 videos; appearance/{train,val}.csv: 12 + 4
+        teachers = {"image": M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, depth=1),
+                    "video": M.VideoMAE("vit_tiny", 4, 32, decoder_depth=0, depth=1)}
+        for kind, teacher in teachers.items():
+            weights = teacher.official_state_dict() if kind == "image" else teacher.state_dict()
+            M.save_checkpoint(os.path.join(cls.tmp, f"{kind}.pth"), model=weights, args={"model": "vit_tiny", "depth": 1})
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, stage, name, **changes):
+        """Tiny runs of 16 (fine-tuning: 12) clips at batch 4, each stage's own data and weights."""
+        opts = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
+                "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0, "--log_every": 1,
+                "--data_root": self.root, "--output_dir": os.path.join(self.tmp, name)}
+        opts.update({pretrain_mae: {"--data_path": self.list_path},
+                     distill: {"--data_path": self.list_path, "--decoder_depth": 1, "--drop_path": 0.0,
+                               "--image_teacher": os.path.join(self.tmp, "image.pth"),
+                               "--video_teacher": os.path.join(self.tmp, "video.pth")},
+                     finetune: {"--data_path": os.path.join(self.root, "appearance"), "--nb_classes": 4,
+                                "--test_num_segment": 1, "--test_num_crop": 1}}[stage])
+        opts.update({f"--{k}": v for k, v in changes.items()})
+        return opts
+
+    def test_a_step_of_every_stage_in_fp16_with_the_scaler_and_in_bf16(self):
+        for precision in ("fp16", "bf16"):
+            for stage, mode in ((pretrain_mae, "video"), (pretrain_mae, "image"), (distill, None), (finetune, None)):
+                name = f"{stage.__name__}_{mode}_{precision}"
+                extra = {"mode": mode} if mode else {}
+                trained, _ = run_stage(stage, self.options(stage, name, precision=precision, **extra))
+                self.assertEqual(next(trained.parameters()).device.type, "cuda", name)
+                state = load(os.path.join(self.tmp, name, "checkpoint-last.pth"))
+                self.assertEqual(optimizer_steps(state), 3 if stage is finetune else 4, name)
+                self.assertEqual("scale" in state["scaler"], precision == "fp16", name)  # the scaler only for fp16
+                self.assertTrue(all(torch.isfinite(v).all() for v in state["model"].values()), name)
+                self.assertTrue(math.isfinite(read_log(os.path.join(self.tmp, name))[-1]["train_loss"]), name)
+
+    def test_attention_runs_in_the_fused_sdpa_kernels(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        torch.manual_seed(0)
+        attn = M.Attention(64, 4)
+        x = torch.randn(2, 300, 64)
+        with torch.no_grad():
+            want = _m_naive_attention(x.double(), attn.qkv.weight.double(), torch.zeros(192, dtype=torch.float64),
+                                      attn.proj.weight.double(), attn.proj.bias.double(), heads=4)
+        attn.to("cuda")
+        for dtype in (torch.float16, torch.bfloat16):  # without the math kernel: a path the fused ones cannot serve fails
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), \
+                    torch.autocast("cuda", dtype=dtype), \
+                    mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+                out = attn(x.to("cuda"))
+                out.float().sum().backward()
+            self.assertTrue(sdpa.called, dtype)
+            self.assertLess((out.double().cpu() - want).abs().max().item(), 0.05, dtype)
+            self.assertTrue(torch.isfinite(attn.qkv.weight.grad).all(), dtype)
+            attn.zero_grad()
+
+    def test_nccl_through_torchrun_in_one_process(self):
+        script = os.path.join(self.tmp, "nccl.py")
+        with open(script, "w") as f:
+            f.write("import sys, torch, torch.distributed as dist\nsys.path.insert(0, %r)\nimport model\n"
+                    "env = model.setup_distributed('bf16')\nt = torch.ones(2, device=env.device)\n"
+                    "dist.all_reduce(t)\nprint(dist.get_backend(), env.device, env.world_size, t.sum().item())\n" % HERE)
+        result = run_ddp(script, {}, nproc=1)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(result.stdout.split()[-4:], ["nccl", "cuda:0", "1", "2.0"])
+        result = run_ddp("distill.py", self.options(distill, "nccl_distill", precision="bf16"), nproc=1)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(optimizer_steps(load(os.path.join(self.tmp, "nccl_distill", "checkpoint-last.pth"))), 4)
+
+    def test_checkpoint_saved_on_the_gpu_resumes_on_the_cpu_and_back(self):
+        folder = os.path.join(self.tmp, "devices")
+        devices = []
+        for epochs, cuda in ((1, True), (2, False), (3, True)):
+            with mock.patch.object(torch.cuda, "is_available", lambda: cuda):
+                trained, printed = run_stage(pretrain_mae, self.options(pretrain_mae, "devices", epochs=epochs))
+            devices.append(next(trained.parameters()).device.type)
+            if epochs > 1:
+                self.assertIn(f"resumed from {os.path.join(folder, 'checkpoint-last.pth')}: epoch {epochs - 2} done",
+                              printed)
+        self.assertEqual(devices, ["cuda", "cpu", "cuda"])
+        state = load(os.path.join(folder, "checkpoint-last.pth"))
+        self.assertEqual((state["epoch"], optimizer_steps(state)), (2, 12))
+        self.assertEqual([line["epoch"] for line in read_log(folder)], [0, 1, 2])
+
+
 def main():
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    """python test_mvd.py [TestClass[.test_name] ...]: all tests, or those named. Skipped tests print their reason."""
+    names = sys.argv[1:]
+    loader = unittest.defaultTestLoader
+    module = sys.modules[__name__]
+    suite = loader.loadTestsFromNames(names, module) if names else loader.loadTestsFromModule(module)
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors)
-    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed")
+    for test, reason in result.skipped:
+        print(f"skipped {test.id().split('.', 1)[1]}: {reason}")
+    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, {len(result.skipped)} skipped")
     sys.exit(1 if failed else 0)
 
 
