@@ -65,9 +65,10 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     """{index: uint8 (H, W, 3)} for every wanted index, or None if timestamps turn out unusable as frame numbers.
 
     by_pts: frame number = (pts - pts of frame 0) x time base x average rate. This allows seeking to the keyframe
-    before the first needed frame and not decoding the non-reference frames before it (most B-frames: about half of
-    libx264's frames; no other frame depends on them). Only the needed frames are converted to RGB, and decoding
-    stops after the last one. Otherwise frames are counted from the start, which is always right.
+    before the first needed frame and not decoding the non-reference frames that are not needed, before the clip and
+    between its frames (most B-frames: about half of libx264's frames; no other frame depends on them). Only the
+    needed frames are converted to RGB, and decoding stops after the last one. Otherwise frames are counted from the
+    start, which is always right.
     """
     first, last = min(wanted), max(wanted)
     rate, time_base = stream.average_rate, stream.time_base
@@ -83,20 +84,22 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
         # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
         container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
-    out, previous, index = {}, None, -1
+    out, previous, index, skipped = {}, None, -1, set()
     for packet in container.demux(stream):
         if origin is not None:  # decided per packet, before the decoder's threads see it
-            before = packet.pts is not None and round((packet.pts - origin) / ticks_per_frame) < first
-            stream.codec_context.skip_frame = "NONREF" if before else "DEFAULT"
+            n = None if packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
+            skip = n is not None and n not in wanted
+            stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
+            skipped.update([n] if skip else [])
         for frame in packet.decode():
             if by_pts:
                 if frame.pts is None:
                     return None
                 origin = frame.pts if origin is None else origin
                 i = round((frame.pts - origin) / ticks_per_frame)
-                # Gaps are expected before the first needed frame (the seek, skipped frames); from there on each
-                # frame must follow the previous one, or timestamps do not count frames (variable frame rate).
-                if i <= index or (i > index + 1 and i > first):
+                # Gaps are expected before the first needed frame (the seek); from there on the only frames missing
+                # may be those skipped on purpose, or timestamps do not count frames (variable frame rate).
+                if i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
                     return None
                 index = i
             else:
@@ -110,8 +113,8 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         if by_pts:
             return None
         raise ValueError("no frames decoded")
-    if by_pts and index < first:  # the video ended among skipped frames: its last frame may be one of them
-        return None
+    if by_pts and (index < first or max(skipped, default=-1) > index):  # the video ended among skipped frames:
+        return None  # its last frame may be one of them
     tail = out[index] if index in out else previous.to_ndarray(format="rgb24")
     return {i: out.get(i, tail) for i in wanted}  # indices past the end get the last frame
 
