@@ -334,15 +334,30 @@ def visible_then_masked(x_vis, mask, mask_token, pos):
 
 
 # ------------------------------------------------------------ Normalized-pixel targets of the two teachers' pretraining
-def patchify_image(images, p):  # (B, 3, H, W) -> (B, L, p*p*3), pixels of a patch in (p0 p1 c) order as MAE
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
+def patchify(x, p, tubelet=1):
+    """(B, C, T, H, W) -> (B, N, tubelet*p*p*C): the values of each tube (of each patch if tubelet 1) in (p0 p1 p2 c)
+    order, tokens t-major; images go in as (B, C, 1, H, W). The pixel order of MAE's and VideoMAE's targets."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
+
+
+def unpatchify(x, grid, p, tubelet=1):
+    """The inverse of patchify: (B, N, tubelet*p*p*C) on the token grid (t, h, w) -> (B, C, t*tubelet, h*p, w*p)."""
+    (t, h, w), B = grid, x.shape[0]
+    x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
+    return x.reshape(B, -1, t * tubelet, h * p, w * p)
+
+
+def to_pixels(x):
+    """Undo the ImageNet normalization: (B, 3, [T,] H, W) -> 0-1 pixels, float32."""
+    shape = (1, 3) + (1,) * (x.ndim - 2)
+    return x.float() * x.new_tensor(IMAGENET_STD).view(shape) + x.new_tensor(IMAGENET_MEAN).view(shape)
 
 
 def image_mae_targets(images, p):
     """MAE: each patch normalized by the mean and (unbiased) variance of all its p*p*3 values."""
-    x = patchify_image(images, p).float()
+    x = patchify(images[:, :, None], p).float()  # (B, L, p*p*3)
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
@@ -350,12 +365,8 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     """VideoMAE: undo the ImageNet normalization, then each tube normalized per channel over its tubelet*p*p positions
     ((x - mean) / (unbiased std + 1e-6); normalize=False keeps the 0-1 pixels, as the official --normlize_target
     False), flattened in (p0 p1 p2 c) order. (B, 3, T, H, W) -> (B, N, tubelet*p*p*3)."""
-    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-    x = (video.float() * std + mean)
-    B, C, T, H, W = x.shape
-    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    x = x.reshape(B, -1, tubelet * p * p, C)  # (B, N, positions, C)
+    x = patchify(to_pixels(video), p, tubelet)
+    x = x.view(*x.shape[:2], -1, 3)  # (B, N, positions, C)
     if normalize:
         x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
     return x.flatten(2)
