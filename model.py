@@ -83,6 +83,9 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="write a PNG for each of the list's first N videos into OUTPUT_DIR/visualize from a trained "
+                        "checkpoint (what the model sees and predicts) and exit; never trains")
 
 
 def fill_defaults(args, *tables):
@@ -333,7 +336,7 @@ def visible_then_masked(x_vis, mask, mask_token, pos):
     return torch.cat([x_vis + pos_vis, mask_token.to(x_vis.dtype) + pos_mask], dim=1)
 
 
-# ------------------------------------------------------------ Normalized-pixel targets of the two teachers' pretraining
+# ------------------- Patches and pixels: the normalized-pixel targets of the teachers' pretraining, and pictures
 def patchify(x, p, tubelet=1):
     """(B, C, T, H, W) -> (B, N, tubelet*p*p*C): the values of each tube (of each patch if tubelet 1) in (p0 p1 p2 c)
     order, tokens t-major; images go in as (B, C, 1, H, W). The pixel order of MAE's and VideoMAE's targets."""
@@ -347,6 +350,12 @@ def unpatchify(x, grid, p, tubelet=1):
     (t, h, w), B = grid, x.shape[0]
     x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
     return x.reshape(B, -1, t * tubelet, h * p, w * p)
+
+
+def paint_tokens(values, grid, p, tubelet):
+    """For pictures: (B, N, C) one value per token -> (B, t, C, h*p, w*p), each token's values over its patch, one
+    picture per time step (tubes span `tubelet` frames: it is drawn on the first)."""
+    return unpatchify(values.repeat(1, 1, tubelet * p * p), grid, p, tubelet)[:, :, ::tubelet].transpose(1, 2)
 
 
 def to_pixels(x):
@@ -370,6 +379,16 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     if normalize:
         x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
     return x.flatten(2)
+
+
+def pca_colours(tokens):
+    """A colour map fitted on feature tokens (M, D), for pictures: centre them, project on their top 3 principal
+    directions (right singular vectors) and map each component's +-2 std to 0-1. Returns the map (..., D) -> (..., 3),
+    one fixed basis and scaling, so that a teacher's features and a student's predictions share the colours."""
+    mean = tokens.mean(0)
+    _, s, vh = torch.linalg.svd(tokens - mean, full_matrices=False)  # tokens - mean = U diag(s) Vh
+    four_std = (4 * s[:3] / (len(tokens) - 1) ** 0.5).clamp_min(1e-12)  # a component's std is s / sqrt(M - 1)
+    return lambda x: (0.5 + (x - mean) @ vh[:3].T / four_std).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ The four models
@@ -561,6 +580,15 @@ def read_checkpoint(path):
         first = unpickler[1].strip() if unpickler else text.splitlines()[0] if text else type(e).__name__
         raise ValueError(f"cannot read checkpoint {path} as plain weights ({first}); it is damaged or not a PyTorch "
                          "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
+
+
+def trained_checkpoint(args):
+    """The checkpoint --visualize shows: --resume, else OUTPUT_DIR/checkpoint-last.pth; one clear error without one."""
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")
+    if not os.path.exists(path):
+        raise ValueError(f"--visualize shows a trained model, but {path} does not exist: train this stage first (the "
+                         "same --output_dir) or give --resume PATH")
+    return path
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True):
