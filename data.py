@@ -559,7 +559,8 @@ def write_pictures(output_dir, videos, pictures, input_size):
         for label, images in rows:
             images = images.float().clamp(0, 1).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
             K, _, h, w = images.shape
-            strip = F.pad(images, (2, 0, 14, 0), value=1.0).permute(1, 2, 0, 3).reshape(3, h + 14, K * (w + 2))
+            strip = F.pad(images, (2, 0, 14, 0), value=1.0)  # (K, 3, 14 + h, 2 + w): label space, gap on the left
+            strip = strip.permute(1, 2, 0, 3).reshape(3, h + 14, K * (w + 2))  # the K images side by side
             glyphs = torch.tensor([[int(FONT.get(c, "00000")[r]) for c in label.upper()] for r in range(5)])
             text = F.pad(glyphs[..., None] >> torch.tensor([2, 1, 0]) & 1, (0, 1)).flatten(1)  # (5, 4 * letters)
             text = text.repeat_interleave(2, 0).repeat_interleave(2, 1)[:, :K * (w + 2) - 2]
