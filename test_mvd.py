@@ -2626,7 +2626,8 @@ class TestVisualize(unittest.TestCase):
         g = torch.Generator().manual_seed(1)
         rows = [("A1", torch.rand(3, 3, 5, 7, generator=g)), ("row two", torch.rand(2, 3, 4, 4, generator=g))]
         folder = os.path.join(self.tmp, "picture")
-        (written,) = data.write_pictures(folder, ["videos/clip.mp4"], [rows], input_size=40)  # enlarged 3 times
+        with contextlib.redirect_stdout(io.StringIO()):
+            (written,) = data.write_pictures(folder, ["videos/clip.mp4"], [rows], input_size=40)  # enlarged 3 times
         self.assertEqual(written["png"], os.path.join(folder, "visualize", "00_clip.png"))
         png = read_png(written["png"])
         self.assertEqual(tuple(png.shape), (3, *picture_size(rows, 3)))
@@ -2663,8 +2664,8 @@ class TestVisualize(unittest.TestCase):
             self.assertFalse(torch.equal(pictures[0]["rows"][1][1], pictures[1]["rows"][1][1]))
 
     def test_a_perfect_teacher_reconstructs_the_clip(self):
-        """Predicting the exact targets, the reconstruction is the input: the de-normalization with each patch's own
-        mean and std and the un-patchifying invert the targets for both teachers, normalized or not."""
+        # Predicting the exact targets, the reconstruction is the input: the de-normalization with each patch's own
+        # mean and std and the un-patchifying invert the targets of both teachers, normalized or not.
         def video_oracle(model, video, mask):
             target = M.video_mae_targets(video, 16, 2, model.normalize_target)
             return torch.zeros(()), target[mask].reshape(len(video), -1, target.shape[-1])
