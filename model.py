@@ -84,6 +84,9 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="write a PNG for each of the list's first N videos into OUTPUT_DIR/visualize from a trained "
+                        "checkpoint (what the model sees and predicts) and exit; never trains")
 
 
 def fill_defaults(args, *tables):
@@ -366,16 +369,37 @@ def visible_then_masked(x_vis, mask, mask_token, pos):
     return torch.cat([x_vis + pos_vis, mask_token.to(x_vis.dtype) + pos_mask], dim=1)
 
 
-# ------------------------------------------------------------ Normalized-pixel targets of the two teachers' pretraining
-def patchify_image(images, p):  # (B, 3, H, W) -> (B, L, p*p*3), pixels of a patch in (p0 p1 c) order as MAE
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
+# ------------------- Patches and pixels: the normalized-pixel targets of the teachers' pretraining, and pictures
+def patchify(x, p, tubelet=1):
+    """(B, C, T, H, W) -> (B, N, tubelet*p*p*C): the values of each tube (of each patch if tubelet 1) in (p0 p1 p2 c)
+    order, tokens t-major; images go in as (B, C, 1, H, W). The pixel order of MAE's and VideoMAE's targets."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
+
+
+def unpatchify(x, grid, p, tubelet=1):
+    """The inverse of patchify: (B, N, tubelet*p*p*C) on the token grid (t, h, w) -> (B, C, t*tubelet, h*p, w*p)."""
+    (t, h, w), B = grid, x.shape[0]
+    x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
+    return x.reshape(B, -1, t * tubelet, h * p, w * p)
+
+
+def paint_tokens(values, grid, p, tubelet):
+    """For pictures: (B, N, C) one value per token -> (B, t, C, h*p, w*p), each token's values over its patch, one
+    picture per time step (tubes span `tubelet` frames: it is drawn on the first)."""
+    return unpatchify(values.repeat(1, 1, tubelet * p * p), grid, p, tubelet)[:, :, ::tubelet].transpose(1, 2)
+
+
+def to_pixels(x):
+    """Undo the ImageNet normalization: (B, 3, [T,] H, W) -> 0-1 pixels, float32."""
+    shape = (1, 3) + (1,) * (x.ndim - 2)
+    return x.float() * x.new_tensor(IMAGENET_STD).view(shape) + x.new_tensor(IMAGENET_MEAN).view(shape)
 
 
 def image_mae_targets(images, p):
     """MAE: each patch normalized by the mean and (unbiased) variance of all its p*p*3 values."""
-    x = patchify_image(images, p).float()
+    x = patchify(images[:, :, None], p).float()  # (B, L, p*p*3)
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
@@ -383,15 +407,21 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     """VideoMAE: undo the ImageNet normalization, then each tube normalized per channel over its tubelet*p*p positions
     ((x - mean) / (unbiased std + 1e-6); normalize=False keeps the 0-1 pixels, as the official --normlize_target
     False), flattened in (p0 p1 p2 c) order. (B, 3, T, H, W) -> (B, N, tubelet*p*p*3)."""
-    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-    x = (video.float() * std + mean)
-    B, C, T, H, W = x.shape
-    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    x = x.reshape(B, -1, tubelet * p * p, C)  # (B, N, positions, C)
+    x = patchify(to_pixels(video), p, tubelet)
+    x = x.view(*x.shape[:2], -1, 3)  # (B, N, positions, C)
     if normalize:
         x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
     return x.flatten(2)
+
+
+def pca_colours(tokens):
+    """A colour map fitted on feature tokens (M, D), for pictures: centre them, project on their top 3 principal
+    directions (right singular vectors) and map each component's +-2 std to 0-1. Returns the map (..., D) -> (..., 3),
+    one fixed basis and scaling, so that a teacher's features and a student's predictions share the colours."""
+    mean = tokens.mean(0)
+    _, s, vh = torch.linalg.svd(tokens - mean, full_matrices=False)  # tokens - mean = U diag(s) Vh
+    four_std = (4 * s[:3] / (len(tokens) - 1) ** 0.5).clamp_min(1e-12)  # a component's std is s / sqrt(M - 1)
+    return lambda x: (0.5 + (x - mean) @ vh[:3].T / four_std).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ The four models
@@ -583,6 +613,15 @@ def read_checkpoint(path):
         first = unpickler[1].strip() if unpickler else text.splitlines()[0] if text else type(e).__name__
         raise ValueError(f"cannot read checkpoint {path} as plain weights ({first}); it is damaged or not a PyTorch "
                          "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
+
+
+def trained_checkpoint(args):
+    """The checkpoint --visualize shows: --resume, else OUTPUT_DIR/checkpoint-last.pth; one clear error without one."""
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")
+    if not os.path.exists(path):
+        raise ValueError(f"--visualize shows a trained model, but {path} does not exist: train this stage first (the "
+                         "same --output_dir) or give --resume PATH")
+    return path
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True):

@@ -8,6 +8,7 @@
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -15,7 +16,8 @@ import torch
 
 import data
 from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
-                   param_groups, resume, save_training_state, setup_distributed, train_one_epoch, training_step)
+                   load_checkpoint, param_groups, patchify, resume, save_training_state, setup_distributed,
+                   to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -52,6 +54,7 @@ def get_args(argv=None):
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args.precision)
+    checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before anything is built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     video = args.mode == "video"
     # 2. Model
@@ -72,6 +75,8 @@ def main(args):
               f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
         data.make_synthetic_set(args.synthetic_root)
         args.data_path, args.data_root = os.path.join(args.synthetic_root, "all.csv"), args.synthetic_root
+    if args.visualize:
+        return visualize(args, env, raw, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size, seed=args.seed,
                   output_dir=args.output_dir, max_bad_videos=args.max_bad_videos)
@@ -108,6 +113,49 @@ def main(args):
     if env.is_main:
         print(f"done: teacher weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw
+
+
+@torch.no_grad()
+def visualize(args, env, model, checkpoint):
+    """--visualize N: for each of the list's first N videos a PNG (data.write_pictures) of every 2nd frame of the clip,
+    the same frames with the hidden patches grey, and the teacher's reconstruction with the visible patches kept."""
+    load_checkpoint(model, checkpoint)
+    if os.path.isdir(args.data_path):
+        raise ValueError("--visualize shows clips: give a video list as --data_path, not an image folder")
+    paths, clips = data.first_clips(args.data_path, args.data_root, args.visualize, args.num_frames,
+                                    args.sampling_rate, args.input_size)
+    video, p, pictures = args.mode == "video", args.patch_size, []
+    for i, clip in enumerate(clips.to(env.device)):
+        generator = torch.Generator().manual_seed(args.seed + i)  # a fixed mask per video
+        if video:  # one tube mask, the same cells hidden at every time step; VideoMAE predicts the masked tubes
+            shown, tubelet, grid = clip[None], 2, model.encoder.grid  # (1, 3, T, S, S)
+            mask = data.tube_mask(grid, args.mask_ratio, generator)[None].to(env.device)  # (1, N)
+            loss, pred = model.eval()(shown, mask)  # pred (1, N_mask, 2*p*p*3)
+        else:  # the image MAE on frames 0, 2, 4, ... (those it teaches from), each with its own random mask
+            shown, tubelet, grid = clip[None, :, ::2], 1, (args.num_frames // 2, *model.grid)  # (1, 3, T/2, S, S)
+            mask = torch.stack([data.random_mask(math.prod(model.grid), args.mask_ratio, generator)
+                                for _ in range(grid[0])]).to(env.device)  # (T/2, L)
+            loss, pred, _ = model.eval()(shown[0].transpose(0, 1), mask=mask)  # pred (T/2, L, p*p*3), every patch
+            pred, mask = pred[mask][None], mask.reshape(1, -1)  # the masked patches in token order; (1, N)
+        x = patchify(to_pixels(shown) if video else shown, p, tubelet)  # what the targets were made of: (1, N, ...)
+        if not video or model.normalize_target:
+            # Normalized targets lost each patch's brightness and contrast: de-normalize every prediction with its own
+            # patch's mean and std, as MAE's and VideoMAE's visualizations do (MAE: over all p*p*3 values, in
+            # ImageNet-normalized space; VideoMAE: per channel over the tube, in 0-1 pixels).
+            v = x[mask].view(pred.shape[1], -1, 3 if video else 1)  # (N_mask, values, channels)
+            std = v.std(1, keepdim=True) + 1e-6 if video else (v.var(1, keepdim=True) + 1e-6).sqrt()
+            pred = pred.view(v.shape) * std + v.mean(1, keepdim=True)
+        x[mask] = pred.reshape(-1, x.shape[-1]).float()  # the reconstruction: predicted where masked, else the input
+        reconstruction = unpatchify(x, grid, p, tubelet)
+        frames = to_pixels(shown)  # (1, 3, T or T/2, S, S)
+        hidden = unpatchify(mask[..., None].repeat(1, 1, tubelet * p * p), grid, p, tubelet)  # (1, 1, ...) True: masked
+        panels = [frames, torch.where(hidden, 0.5, frames), reconstruction if video else to_pixels(reconstruction)]
+        what = "TUBES (THE SAME CELLS AT EVERY STEP)" if video else "PATCHES (AT RANDOM IN EACH FRAME)"
+        labels = [f"{args.mode} MAE ON {os.path.basename(paths[i])}: EVERY 2ND FRAME",
+                  f"MASKED: {int(mask.sum())} OF {mask.shape[1]} {what}",
+                  f"RECONSTRUCTED, VISIBLE PATCHES KEPT (LOSS {loss.item():.3f})"]
+        pictures.append([(label, panel[0, :, ::tubelet].transpose(0, 1).cpu()) for label, panel in zip(labels, panels)])
+    return data.write_pictures(args.output_dir, paths, pictures, args.input_size)
 
 
 def bench(args, env, model):

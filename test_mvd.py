@@ -2669,6 +2669,276 @@ class TestCuda(unittest.TestCase):
         self.assertEqual([line["epoch"] for line in read_log(folder)], [0, 1, 2])
 
 
+# ========================================================================================================== visualize
+
+def read_png(path):
+    from torchvision.io import decode_png, read_file
+    return decode_png(read_file(path))
+
+
+def masked_pixels(mask, grid, p):
+    """bool (t, 1, h*p, w*p): True on the pixels of every masked token of a flat (t*h*w,) mask, by loops."""
+    t, h, w = grid
+    out = torch.zeros(t, 1, h * p, w * p, dtype=torch.bool)
+    for n in torch.nonzero(mask).flatten().tolist():
+        ti, r, c = n // (h * w), n // w % h, n % w
+        out[ti, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    return out
+
+
+def picture_size(rows, scale):
+    """(H, W) of data.write_pictures' layout: a 14 px label over each row, 2 px gaps and margins."""
+    height = sum(14 + images.shape[-2] * scale for _, images in rows) + 2
+    return height, max(len(images) * (images.shape[-1] * scale + 2) for _, images in rows) + 2
+
+
+class TestVisualize(unittest.TestCase):
+    """--visualize (issue 14): masks, reconstructions and feature maps as PNGs, from checkpoints, never training."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_visualize_")
+        cls.list_path, cls.root = make_data(cls.tmp)
+        torch.manual_seed(3)
+        models = {"video_mae": M.VideoMAE("vit_tiny", 4, 64, decoder_depth=1, depth=1),
+                  "image_mae": M.ImageMAE("vit_tiny", 64, 16, decoder_dim=64, decoder_depth=1, depth=1),
+                  "student": M.MVDStudent("vit_tiny", 4, 64, decoder_depth=1, img_teacher_dim=192,
+                                          vid_teacher_dim=192, depth=1),
+                  "student_image": M.MVDStudent("vit_tiny", 4, 64, decoder_depth=1, img_teacher_dim=192,
+                                                vid_teacher_dim=0, depth=1)}
+        for name, net in models.items():  # non-zero q/v biases: the timm layout of the image MAE is exercised
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.02 * torch.randn_like(p))
+            weights = net.official_state_dict() if hasattr(net, "official_state_dict") else net.state_dict()
+            M.save_checkpoint(os.path.join(cls.tmp, name, "checkpoint-last.pth"), model=weights, epoch=4,
+                              args={"model": "vit_tiny", "depth": 1})
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, name, **changes):
+        opts = {"--model": "vit_tiny", "--depth": 1, "--input_size": 64, "--num_frames": 4, "--sampling_rate": 2,
+                "--data_path": self.list_path, "--data_root": self.root, "--num_workers": 0, "--visualize": 2,
+                "--output_dir": os.path.join(self.tmp, name)}
+        opts.update({f"--{k}": v for k, v in changes.items()})
+        return opts
+
+    def teacher_options(self, mode, **changes):
+        return self.options(f"{mode}_mae", mode=mode, decoder_depth=1,
+                            **({"decoder_dim": 64} if mode == "image" else {}), **changes)
+
+    def student_options(self, **changes):
+        return self.options("student", decoder_depth=1, image_teacher=os.path.join(self.tmp, "image_mae",
+                            "checkpoint-last.pth"), video_teacher=os.path.join(self.tmp, "video_mae",
+                            "checkpoint-last.pth"), **changes)
+
+    def assert_png_shows(self, picture, scale=2):
+        """The PNG decodes to the layout's size, and each row's first panel is its image, enlarged."""
+        png = read_png(picture["png"])
+        self.assertEqual(tuple(png.shape), (3, *picture_size(picture["rows"], scale)))
+        top = 0
+        for _, images in picture["rows"]:
+            want = (images[0].clamp(0, 1) * 255).round().to(torch.uint8)
+            want = want.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+            got = png[:, top + 14:top + 14 + want.shape[1], 2:2 + want.shape[2]]
+            self.assertTrue(torch.equal(got, want))
+            top += 14 + want.shape[1]
+
+    def test_patchify_round_trip_and_painted_tokens(self):
+        x = torch.randn(2, 3, 4, 8, 12)
+        for p, tubelet in ((4, 2), (2, 1)):
+            grid = (4 // tubelet, 8 // p, 12 // p)
+            self.assertTrue(torch.equal(M.unpatchify(M.patchify(x, p, tubelet), grid, p, tubelet), x))
+        values = torch.randn(2, 2 * 2 * 3, 3)  # one colour per token of a (2, 2, 3) grid, p = 4
+        painted = M.paint_tokens(values, (2, 2, 3), 4, 2)  # (B, t, 3, 8, 12)
+        self.assertEqual(tuple(painted.shape), (2, 2, 3, 8, 12))
+        for n, (t, r, c) in enumerate(itertools.product(range(2), range(2), range(3))):
+            patch = painted[1, t, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+            self.assertTrue(torch.equal(patch, values[1, n, :, None, None].expand(3, 4, 4)))
+
+    def test_pca_colours_equal_an_independent_svd_projection(self):
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randn(60, 8, generator=g) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.3, 0.2, 0.1]) + 2
+        tokens = tokens @ torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # principal axes not the coordinate axes
+        others = torch.randn(7, 8, generator=g) * 3  # e.g. a student's predictions, mapped with the same basis
+        colour = M.pca_colours(tokens)
+        x = tokens.double().numpy()
+        centre = x.mean(0)
+        _, s, vt = np.linalg.svd(x - centre)
+        for inputs in (tokens, others):
+            got = colour(inputs).double().numpy()
+            proj = (inputs.double().numpy() - centre) @ vt[:3].T / (4 * s[:3] / np.sqrt(len(x) - 1))
+            for k in range(3):  # a singular vector's sign is arbitrary: take the one that fits
+                want = min((np.clip(0.5 + sign * proj[:, k], 0, 1) for sign in (1, -1)),
+                           key=lambda w: np.abs(w - got[:, k]).max())
+                self.assertLess(np.abs(want - got[:, k]).max(), 1e-5, k)
+        self.assertGreater(got.std(0).min(), 0.05)  # the colours do vary
+
+    def test_picture_png_layout_and_labels(self):
+        g = torch.Generator().manual_seed(1)
+        rows = [("A1", torch.rand(3, 3, 5, 7, generator=g)), ("row two", torch.rand(2, 3, 4, 4, generator=g))]
+        folder = os.path.join(self.tmp, "picture")
+        with contextlib.redirect_stdout(io.StringIO()):
+            (written,) = data.write_pictures(folder, ["videos/clip.mp4"], [rows], input_size=40)  # enlarged 3 times
+        self.assertEqual(written["png"], os.path.join(folder, "visualize", "00_clip.png"))
+        png = read_png(written["png"])
+        self.assertEqual(tuple(png.shape), (3, *picture_size(rows, 3)))
+        self.assert_png_shows(written, scale=3)
+        second = 14 + 5 * 3  # where the second row's label starts: white margins above and below its letters
+        self.assertTrue(torch.all(png[:, second:second + 2] == 255))
+        self.assertTrue(torch.all(png[:, second + 12:second + 14] == 255))
+        # the label: 'A' then '1' in 3x5 letters drawn twice their size, black on white, from (2, 2)
+        letters = (png[0, 2:12:2, 2:18:2] == 0).int()  # one pixel per letter pixel: (5, 8)
+        a_and_1 = [[0, 1, 0, 0, 0, 1, 0, 0], [1, 0, 1, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 1, 0, 0],
+                   [1, 0, 1, 0, 0, 1, 0, 0], [1, 0, 1, 0, 1, 1, 1, 0]]
+        self.assertEqual(letters.tolist(), a_and_1)
+
+    def test_teacher_masks_are_grey_exactly_at_the_masked_patches(self):
+        for mode in ("video", "image"):
+            pictures, _ = run_stage(pretrain_mae, self.teacher_options(mode))
+            self.assertEqual(len(pictures), 2)
+            for i, picture in enumerate(pictures):
+                (_, frames), (_, masked), (_, reconstruction) = picture["rows"]
+                generator = torch.Generator().manual_seed(0 + i)  # --seed 0: the seeded masks of the contract
+                mask = (data.tube_mask((2, 4, 4), 0.9, generator) if mode == "video" else  # (N,) over (2, 4, 4)
+                        torch.cat([data.random_mask(16, 0.75, generator) for _ in range(2)]))
+                per_step = mask.view(2, 16)
+                if mode == "video":  # one tube mask: the same int(0.9 * 16) cells at both time steps
+                    self.assertTrue(torch.equal(per_step[0], per_step[1]))
+                self.assertEqual(per_step.sum(1).tolist(), [14, 14] if mode == "video" else [12, 12])
+                hidden = masked_pixels(mask, (2, 4, 4), 16).expand(-1, 3, -1, -1)  # (2, 3, 64, 64)
+                self.assertTrue(torch.all(masked[hidden] == 0.5))
+                self.assertTrue(torch.equal(masked[~hidden], frames[~hidden]))
+                self.assertTrue(torch.equal(reconstruction[~hidden], frames[~hidden]))  # visible patches pasted back
+                self.assertGreater((reconstruction[hidden] - frames[hidden]).abs().mean(), 0.02)  # a random teacher
+                self.assertGreater(frames.std(), 0.05)
+                self.assert_png_shows(picture)
+            self.assertFalse(torch.equal(pictures[0]["rows"][1][1], pictures[1]["rows"][1][1]))
+
+    def test_a_perfect_teacher_reconstructs_the_clip(self):
+        # Predicting the exact targets, the reconstruction is the input: the de-normalization with each patch's own
+        # mean and std and the un-patchifying invert the targets of both teachers, normalized or not.
+        def video_oracle(model, video, mask):
+            target = M.video_mae_targets(video, 16, 2, model.normalize_target)
+            return torch.zeros(()), target[mask].reshape(len(video), -1, target.shape[-1])
+
+        def image_oracle(model, images, mask_ratio=0.75, mask=None):
+            return torch.zeros(()), M.image_mae_targets(images, 16), mask
+
+        for mode, normalize in (("video", True), ("video", False), ("image", True)):
+            oracle = video_oracle if mode == "video" else image_oracle
+            with mock.patch.object(M.VideoMAE if mode == "video" else M.ImageMAE, "forward", oracle):
+                switch = {"normlize_target" if normalize else "no-normlize_target": None}
+                pictures, _ = run_stage(pretrain_mae, self.teacher_options(mode, **switch))
+            for picture in pictures:
+                (_, frames), _, (_, reconstruction) = picture["rows"]
+                self.assertLess((reconstruction - frames).abs().max(), 1e-4, (mode, normalize))
+        with self.assertRaisesRegex(ValueError, "video list"):  # an image folder holds no clips to show
+            run_stage(pretrain_mae, self.teacher_options("image", data_path=self.root))
+
+    def test_student_maps_share_the_teacher_colours(self):
+        pictures, _ = run_stage(distill, self.student_options())
+        for picture in pictures:
+            labels = [label for label, _ in picture["rows"]]
+            self.assertEqual(len(labels), 8)
+            self.assertIn("IMAGE TEACHER", labels[2])
+            self.assertIn("VIDEO TEACHER", labels[5])
+            frames, seen = picture["rows"][0][1], picture["rows"][1][1]
+            visible = (seen != 0.5).any(1, keepdim=True)  # (2, 1, 64, 64): the pixels of the visible tubes
+            self.assertEqual(visible[0, 0].float().mean().item(), 2 / 16)  # 2 of the 16 tubes of each step
+            self.assertTrue(torch.equal(visible[0], visible[1]))
+            self.assertTrue(torch.equal(seen[visible.expand_as(seen)], frames[visible.expand_as(frames)]))
+            for teacher_map, student_map, heat in (picture["rows"][2:5], picture["rows"][5:8]):
+                teacher_map, student_map, heat = teacher_map[1], student_map[1], heat[1]
+                at_visible = visible.expand_as(teacher_map)
+                self.assertTrue(torch.equal(student_map[at_visible], teacher_map[at_visible]))
+                self.assertGreater((student_map[~at_visible] - teacher_map[~at_visible]).abs().max(), 0.01)
+                self.assertTrue(torch.all(heat[at_visible] == 0.5))  # visible tubes grey in the cosine map
+                self.assertTrue(torch.all(heat[:, 2][~visible[:, 0]] == 0))  # the colour ramp has no blue
+            self.assert_png_shows(picture)
+
+        args = distill.get_args(flags(self.student_options()))
+        with contextlib.redirect_stdout(io.StringIO()):
+            teachers = {name: distill.build_teacher(kind, args, "cpu", torch.float32)
+                        for name, kind in (("img", "image"), ("vid", "video"))}
+
+        def oracle(student, video, mask):  # a student predicting its targets exactly: cosine 1, yellow
+            feats = {n: distill.teacher_features(t, video, False) for n, t in teachers.items()}
+            return tuple(feats[n][mask].reshape(len(video), -1, 192) for n in ("img", "vid"))
+
+        with mock.patch.object(M.MVDStudent, "forward", oracle):
+            pictures, _ = run_stage(distill, self.student_options())
+        for picture in pictures:
+            visible = (picture["rows"][1][1] != 0.5).any(1, keepdim=True)
+            for k in (2, 5):
+                self.assertLess((picture["rows"][k + 1][1] - picture["rows"][k][1]).abs().max(), 1e-5)
+                heat = picture["rows"][k + 2][1]
+                yellow = heat.transpose(0, 1)[:, ~visible[:, 0]]  # (3, masked pixels): red and green 1, no blue
+                self.assertLess((yellow - torch.tensor([1.0, 1, 0])[:, None]).abs().max(), 1e-5)
+                self.assertIn("MEAN 1.00", picture["rows"][k + 2][0])
+
+    def test_single_teacher_student_shows_one_teacher(self):
+        pictures, _ = run_stage(distill, self.student_options(video_teacher_loss_weight=0,
+                                                              resume=os.path.join(self.tmp, "student_image",
+                                                                                  "checkpoint-last.pth")))
+        self.assertEqual([label.split(":")[0] for label, _ in pictures[0]["rows"][2:]],
+                         ["IMAGE TEACHER", "STUDENT", "COSINE OF PREDICTION AND TARGET"])
+
+    def test_encoder_maps_are_the_pca_of_its_tokens(self):
+        student = os.path.join(self.tmp, "student", "checkpoint-last.pth")
+        pictures, _ = run_stage(finetune, self.options("encoder", finetune=student, depth=1))
+        _, clips = data.first_clips(self.list_path, self.root, 2, 4, 2, 64)
+        encoder = M.VideoClassifier("vit_tiny", 1, 4, 64, depth=1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            M.load_checkpoint(encoder, student)
+        with torch.no_grad():
+            tokens = encoder.eval().forward_features(clips)  # (2, 32, 192)
+        want = M.paint_tokens(M.pca_colours(tokens.flatten(0, 1))(tokens), (2, 4, 4), 16, 2)
+        for i, picture in enumerate(pictures):
+            self.assertIn("STUDENT/CHECKPOINT-LAST.PTH", picture["rows"][1][0].upper())
+            self.assertLess((picture["rows"][1][1] - want[i]).abs().max(), 1e-5)
+            self.assertGreater(picture["rows"][1][1].std(), 0.05)
+            self.assert_png_shows(picture)
+
+    def test_never_trains_never_writes_a_checkpoint_and_needs_one(self):
+        stages = {pretrain_mae: self.teacher_options("video"), distill: self.student_options(),
+                  finetune: self.options("encoder_ft", resume=os.path.join(self.tmp, "student", "checkpoint-last.pth"))}
+        before = checkpoint_bytes(self.tmp)
+        for stage, options in stages.items():
+            with mock.patch.object(stage, "train_one_epoch", side_effect=AssertionError("trained")), \
+                    mock.patch.object(stage, "save_training_state", side_effect=AssertionError("saved")), \
+                    mock.patch.object(M, "save_checkpoint", side_effect=AssertionError("saved")):
+                pictures, _ = run_stage(stage, options)
+            self.assertEqual(len(pictures), 2, stage.__name__)
+            # without a checkpoint: one clear line, and nothing written
+            empty = os.path.join(self.tmp, f"empty_{stage.__name__}")
+            options = {**options, "--output_dir": empty}
+            options = {k: v for k, v in options.items() if k not in ("--resume", "--finetune")}
+            with self.assertRaisesRegex(ValueError, "--finetune PATH or --resume PATH|does not exist") as caught:
+                run_stage(stage, options)
+            self.assertNotIn("\n", str(caught.exception))
+            self.assertFalse(os.path.exists(empty), stage.__name__)
+        self.assertEqual(checkpoint_bytes(self.tmp), before)  # none written, none changed
+        env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
+        cli = subprocess.run([sys.executable, "pretrain_mae.py", "--visualize", "1", "--precision", "fp32",
+                              "--output_dir", os.path.join(self.tmp, "empty_cli")], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual((cli.returncode, cli.stdout), (1, ""))
+        self.assertRegex(cli.stderr, r"^pretrain_mae.py: error: --visualize shows a trained model, but \S+ does not "
+                                     r"exist[^\n]*\n$")
+
+
+def checkpoint_bytes(folder):
+    """{path: contents} of every .pth file under folder."""
+    contents = {}
+    for root, _, names in os.walk(folder):
+        for name in (n for n in names if n.endswith(".pth")):
+            with open(os.path.join(root, name), "rb") as f:
+                contents[os.path.join(root, name)] = f.read()
+    return contents
+
 def main():
     """python test_mvd.py [TestClass[.test_name] ...]: all tests, or those named. Skipped tests print their reason."""
     names = sys.argv[1:]
