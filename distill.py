@@ -149,15 +149,16 @@ def main(args):
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    start_epoch = resume(args, raw, optimizer, env.scaler)
+    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
               f"({env.world_size} x {args.batch_size} x {args.update_freq}), lr {args.lr:.3g}, "
               f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
-    # 5. Loop: one checkpoint per epoch, written atomically; its 'model' loads into the official MVD student
-    for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn)
+    # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'
+    # loads into the official MVD student
+    for epoch in range(start.epoch, args.epochs):
+        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
         if env.is_main:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")

@@ -81,6 +81,10 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                    help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
     p.add_argument("--resume", default="", help="a training checkpoint of this stage to continue from")
     p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
+                   "steps inside an epoch, for an exact resume there (0: off)")
+    p.add_argument("--save_every_minutes", type=float, default=10, help="... and every M minutes (0: off): a "
+                   "ViT-B student's checkpoint takes seconds (README), under 1%% of 10 minutes")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 
@@ -680,39 +684,54 @@ def setup_distributed(precision):
                            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
 
 
-def resume(args, model, optimizer, scaler):
-    """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer,
-    scaler and epoch. Returns the epoch to start from (0 for a fresh run)."""
+def resume(args, env, model, optimizer):
+    """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
+    scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
+    epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
+    start = SimpleNamespace(epoch=0, step=0, sums={}, count=0)
     path = args.resume or None
     if path is None and args.auto_resume and os.path.exists(os.path.join(args.output_dir, "checkpoint-last.pth")):
         path = os.path.join(args.output_dir, "checkpoint-last.pth")
     if path is None:
-        return 0
+        return start
     state = read_checkpoint(path)
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
+    if "step" in state:  # mid-epoch: the steps left see the same samples only with the same total batch
+        total_batch = args.batch_size * args.update_freq * env.world_size
+        if state["total_batch"] != total_batch:
+            raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of "
+                             f"{state['total_batch']}, this run's is {total_batch} ({env.world_size} x "
+                             f"{args.batch_size} x {args.update_freq}): restart with processes x --batch_size x "
+                             f"--update_freq = {state['total_batch']}")
+        start = SimpleNamespace(epoch=state["epoch"], step=state["step"], sums=state["sums"], count=state["count"])
+    else:
+        start.epoch = state["epoch"] + 1
     load_checkpoint(model, state["model"], verbose=False)
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
+        env.scaler.load_state_dict(state["scaler"])
     log = os.path.join(args.output_dir, "log.txt")
-    if os.path.exists(log) and int(os.environ.get("RANK", 0)) == 0:  # drop lines of an epoch logged, then killed
-        with open(log) as f:  # before its checkpoint was written: that epoch runs again and logs again
-            lines = [line for line in f if int((re.search(r'"epoch": (\d+)', line) or [0, 0])[1]) <= state["epoch"]]
+    if os.path.exists(log) and env.is_main:  # drop lines of an epoch logged, then killed before its checkpoint:
+        with open(log) as f:  # that epoch runs again and logs again (lines without an epoch are kept)
+            lines = [line for line in f if int((re.search(r'"epoch": (\d+)', line) or [0, -1])[1]) < start.epoch]
         with open(log, "w") as f:
             f.writelines(lines)
-    print(f"resumed from {path}: epoch {state['epoch']} done")
-    return state["epoch"] + 1
+    print(f"resumed from {path}: epoch {state['epoch']} " + (f"at optimizer step {start.step}" if "step" in state
+                                                              else "done"))
+    return start
 
 
-def save_training_state(args, model, optimizer, scaler, epoch):
-    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout."""
+def save_training_state(args, model, optimizer, scaler, epoch, progress=None):
+    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout.
+    progress: dict(step, sums, count, total_batch) for a checkpoint-last.pth written inside the epoch."""
     weights = model.official_state_dict() if hasattr(model, "official_state_dict") else model.state_dict()
     state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                 **(progress or {}),
                  args={k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()})
     save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+    if progress is None and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
         save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
 
 
@@ -720,21 +739,27 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn):
+def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
     """One epoch of optimizer steps. loss_fn(batch) -> (loss, {name: float}) runs under autocast.
     Gradients accumulate over --update_freq micro-batches (DDP syncs only on the last one); the lr follows
     cosine_schedule per optimizer step; a non-finite loss stops the run before the step is taken.
-    All randomness of the epoch (drop path, dropout) is seeded from (seed, epoch, rank): a resumed run repeats it."""
-    torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + env.rank)
-    loader.sampler.set_epoch(epoch)
-    model.train()
+    Exact continuation: every --save_every_steps steps / --save_every_minutes rank 0 writes checkpoint-last.pth with the
+    steps done and the log's running sums; in start's epoch (resume()) the sampler leaves out the batches of the steps
+    done, never read, and the sums are restored. Each step's randomness (drop path, dropout, mixup) is seeded from
+    (seed, step, rank), so no RNG state is saved; a sample's comes from (seed, epoch, index) (data.py)."""
+    raw = model.module if env.ddp else model
     steps_per_epoch = len(loader) // args.update_freq
-    totals, start, count = {}, time.time(), 0
-    for i, batch in enumerate(loader):
+    done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
+    first = done * args.update_freq  # micro-batches already done in this epoch
+    loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
+    model.train()
+    begin = last_save = time.time()
+    for i, batch in enumerate(loader, start=first):
         if i >= steps_per_epoch * args.update_freq:
             break
         step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
         if i % args.update_freq == 0:
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
             for group in optimizer.param_groups:
                 group["lr"] = group.get("lr_scale", 1.0) * cosine_schedule(
                     step, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch, args.lr, args.min_lr)
@@ -751,6 +776,10 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn):
                                 "--clip_grad 1.0 or --precision fp32")
         with sync:
             env.scaler.scale(loss / args.update_freq).backward()
+        logs = {"loss": loss.item(), **logs}
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
         if last_micro:
             if args.clip_grad:
                 env.scaler.unscale_(optimizer)
@@ -758,18 +787,21 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn):
             env.scaler.step(optimizer)
             env.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        logs = {"loss": loss.item(), **logs}
-        for k, v in logs.items():
-            totals[k] = totals.get(k, 0.0) + v
-        count += 1
+            done = (i + 1) // args.update_freq
+            due = (args.save_every_steps and done % args.save_every_steps == 0 or
+                   args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes)
+            if env.is_main and due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
+                save_training_state(args, raw, optimizer, env.scaler, epoch, dict(
+                    step=done, sums=sums, count=count, total_batch=args.batch_size * args.update_freq * env.world_size))
+                last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
-            elapsed = time.time() - start
-            clips_s = count * args.batch_size * env.world_size / elapsed
-            eta = elapsed / count * (steps_per_epoch * args.update_freq - count)
+            elapsed, this_run = time.time() - begin, i + 1 - first
+            clips_s = this_run * args.batch_size * env.world_size / elapsed
+            eta = elapsed / this_run * (steps_per_epoch * args.update_freq - i - 1)
             print(f"epoch {epoch} step {i + 1}/{steps_per_epoch * args.update_freq} "
                   + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                   + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} eta {eta:.0f}s", flush=True)
-    return {k: v / max(1, count) for k, v in totals.items()}
+    return {k: v / max(1, count) for k, v in sums.items()}
 
 
 def training_step(env, loss_fn, optimizer):

@@ -1548,7 +1548,7 @@ def fixed_batch_loop(stage, steps, record):
     """Replace the stage's train_one_epoch by `steps` optimizer steps on its loader's first batch, through the stage's
     own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before backward."""
 
-    def loop(args, env, model, loader, optimizer, epoch, loss_fn):
+    def loop(args, env, model, loader, optimizer, epoch, loss_fn, start):
         batch = next(iter(loader))
         model.train()
         for i in range(steps):
@@ -2289,8 +2289,8 @@ class TestFinetune(unittest.TestCase):
         depth, decay, captured = 3, 0.75, {}
         real = finetune.train_one_epoch
 
-        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn):
-            real(args, env, model, loader, optimizer, epoch, loss_fn)
+        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn, start):
+            real(args, env, model, loader, optimizer, epoch, loss_fn, start)
             captured.update(model=model, optimizer=optimizer)
             raise FtStop
 
