@@ -197,6 +197,7 @@ def main(args):
                                        num_workers=args.num_workers, device_type=env.device.type)
                for split, d in sets.items()}
     # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
+    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
     raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, drop_path=args.drop_path,
                           head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
                           use_checkpoint=args.use_checkpoint, depth=args.depth)
