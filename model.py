@@ -664,13 +664,23 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
 
 
 # ------------------ Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
+def init_process_group(backend):
+    """dist.init_process_group with the store's keys under this attempt's number. torchrun --max-restarts keeps one
+    store for all the attempts of a group, and a restarted rank could read there the address that a killed rank of the
+    last attempt had published, and hang (pytorch/pytorch#135712)."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank,
+                            world_size=world_size)
+
+
 def setup_distributed(precision):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
     process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
     (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        init_process_group("nccl" if cuda else "gloo")
         atexit.register(dist.destroy_process_group)  # gloo's threads left running at exit can abort the process
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
