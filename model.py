@@ -774,8 +774,8 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
                 group["lr"] = group.get("lr_scale", 1.0) * cosine_schedule(
                     step, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch, args.lr, args.min_lr)
         last_micro = (i + 1) % args.update_freq == 0
-        sync = model.no_sync() if env.ddp and not last_micro else contextlib.nullcontext()
-        with sync, torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+        sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
+        with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
             loss, logs = loss_fn(batch)
         check = loss.detach().float().reshape(1)
         if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce
@@ -784,7 +784,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
             raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
                                 f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
                                 "--clip_grad 1.0 or --precision fp32")
-        with sync:
+        with sync():
             env.scaler.scale(loss / args.update_freq).backward()
         logs = {"loss": loss.item(), **logs}
         for k, v in logs.items():
