@@ -777,7 +777,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
         with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
             loss, logs = loss_fn(batch)
-        check = loss.detach().float().reshape(1)
+        check = loss.detach().float().reshape(1).clone()  # all_reduce works in place: a copy, not a view of the loss
         if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce
             dist.all_reduce(check)
         if not torch.isfinite(check).all():
