@@ -611,7 +611,7 @@ def save_checkpoint(path, **state):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # one name: the file a process killed mid-write leaves is overwritten by the next save
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -708,16 +708,16 @@ def resume(args, env, model, optimizer):
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
-    if "step" in state:  # mid-epoch: the steps left see the same samples only with the same total batch
+    mid_epoch = "step" in state  # written inside an epoch, else at its end
+    if mid_epoch:  # the steps left see the same samples only with the same total batch
         total_batch = args.batch_size * args.update_freq * env.world_size
         if state["total_batch"] != total_batch:
             raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of "
                              f"{state['total_batch']}, this run's is {total_batch} ({env.world_size} x "
                              f"{args.batch_size} x {args.update_freq}): restart with processes x --batch_size x "
                              f"--update_freq = {state['total_batch']}")
-        start = SimpleNamespace(epoch=state["epoch"], step=state["step"], sums=state["sums"], count=state["count"])
-    else:
-        start.epoch = state["epoch"] + 1
+    start = SimpleNamespace(epoch=state["epoch"] if mid_epoch else state["epoch"] + 1, step=state.get("step", 0),
+                            sums=state.get("sums", {}), count=state.get("count", 0))
     load_checkpoint(model, state["model"], verbose=False)
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
@@ -728,8 +728,7 @@ def resume(args, env, model, optimizer):
             lines = [line for line in f if int((re.search(r'"epoch": (\d+)', line) or [0, -1])[1]) < start.epoch]
         with open(log, "w") as f:
             f.writelines(lines)
-    print(f"resumed from {path}: epoch {state['epoch']} " + (f"at optimizer step {start.step}" if "step" in state
-                                                              else "done"))
+    print(f"resumed from {path}: epoch {state['epoch']} {f'at optimizer step {start.step}' if mid_epoch else 'done'}")
     return start
 
 
@@ -759,14 +758,13 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
     (seed, step, rank), so no RNG state is saved; a sample's comes from (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model
     steps_per_epoch = len(loader) // args.update_freq
+    micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
     begin = last_save = time.time()
-    for i, batch in enumerate(loader, start=first):
-        if i >= steps_per_epoch * args.update_freq:
-            break
+    for i, batch in enumerate(itertools.islice(loader, micro_batches - first), start=first):
         step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
         if i % args.update_freq == 0:
             torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
@@ -807,8 +805,8 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
         if env.is_main and (i + 1) % args.log_every == 0:
             elapsed, this_run = time.time() - begin, i + 1 - first
             clips_s = this_run * args.batch_size * env.world_size / elapsed
-            eta = elapsed / this_run * (steps_per_epoch * args.update_freq - i - 1)
-            print(f"epoch {epoch} step {i + 1}/{steps_per_epoch * args.update_freq} "
+            eta = elapsed / this_run * (micro_batches - i - 1)
+            print(f"epoch {epoch} step {i + 1}/{micro_batches} "
                   + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                   + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} eta {eta:.0f}s", flush=True)
     return {k: v / max(1, count) for k, v in sums.items()}
