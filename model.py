@@ -739,9 +739,10 @@ def save_training_state(args, model, optimizer, scaler, epoch, progress=None):
     state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                  **(progress or {}),
                  args={k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()})
-    save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
+    # checkpoint-{epoch}.pth first: a run killed between the two writes redoes the epoch and writes both
     if progress is None and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
         save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), **state)
+    save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -2207,15 +2207,19 @@ class TestDistill(unittest.TestCase):
         (whole, _), reads = killed_and_restarted(lambda: run_stage(distill, self.options("mid_a", **opts)), [])
         self.assertEqual(len(reads), 32)
         # killed inside step 2; in the last micro-batch of the epoch; writing the epoch's checkpoint (its log line
-        # written); writing a checkpoint of epoch 1; after the first micro-batch of epoch 1's step 3
+        # written); writing a checkpoint of epoch 1; after the first micro-batch of epoch 1's step 3; writing
+        # checkpoint-last.pth after checkpoint-1.pth at the very end
         (restarted, printed), last_reads = killed_and_restarted(
-            lambda: run_stage(distill, self.options("mid_b", **opts)), [6, 14, 5, 10, 12])
-        self.assertIn("epoch 1 at optimizer step 2", printed)
-        self.assertEqual(last_reads, reads[-8:])  # the steps done were never read again
+            lambda: run_stage(distill, self.options("mid_b", **opts)), [6, 14, 5, 10, 12, 11])
+        self.assertIn("epoch 1 at optimizer step 3", printed)
+        self.assertEqual(last_reads, reads[-4:])  # the steps done were never read again
         folder = os.path.join(self.tmp, "mid_b")
         a, b = training_checkpoint(self, os.path.join(self.tmp, "mid_a")), training_checkpoint(self, folder)
         self.assertEqual((a["epoch"], optimizer_steps(a)), (1, 8.0))
         assert_identical(self, a, b)
+        kept = [{k: v for k, v in load(os.path.join(d, "checkpoint-1.pth")).items() if k != "args"} for d in (
+            os.path.join(self.tmp, "mid_a"), folder)]
+        assert_identical(self, *kept, "checkpoint-1.pth")
         assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
         with open(os.path.join(self.tmp, "mid_a", "log.txt")) as f, open(os.path.join(folder, "log.txt")) as g:
             self.assertEqual(f.read(), g.read())
