@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import data
 from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
-                   bench_steps, fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume,
+                   bench_steps, fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume, save_checkpoint,
                    save_training_state, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
@@ -186,10 +186,17 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     a = torch.randn(2048, 2048, dtype=env.dtype, device=env.device)
     matmul = bench_steps(lambda: a @ a, 5, 1)["step_s"]
     gflop = counter.get_total_flops() / 1e9 / B
+    # a checkpoint of the student and its AdamW state, as written inside an epoch: the cost --save_every_minutes pays
+    path = os.path.join(args.output_dir, "bench-checkpoint.pth")
+    saving = bench_steps(lambda: save_checkpoint(path, model=student.state_dict(), optimizer=optimizer.state_dict()),
+                         3, 1)
+    checkpoint_gb = os.path.getsize(path) / 1e9
+    os.unlink(path)
     print(json.dumps({"model": args.model, "teachers": {n: type(t).__name__ for n, t in teachers.items()},
                       "precision": args.precision, "batch_size": B, "frames": T, "input_size": S, **result,
                       "gflop_per_clip": round(gflop, 1), "achieved_gflops": round(gflop * result["clips_per_s"], 1),
-                      "matmul_gflops": round(2 * 2048 ** 3 / matmul / 1e9, 1)}))
+                      "matmul_gflops": round(2 * 2048 ** 3 / matmul / 1e9, 1), "checkpoint_s": saving["step_s"],
+                      "checkpoint_gb": round(checkpoint_gb, 3)}))
 
 
 if __name__ == "__main__":

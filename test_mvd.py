@@ -2281,11 +2281,14 @@ class TestDistill(unittest.TestCase):
         lines = [line for line in printed.splitlines() if line.startswith("{")]
         self.assertEqual(len(lines), 1, printed)
         result = json.loads(lines[0])
-        keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops")
+        keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops",
+                "checkpoint_s", "checkpoint_gb")
         for key in keys:
             self.assertIsInstance(result.get(key), (int, float), key)
             self.assertGreater(result[key], 0, key)
-        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bench", "checkpoint-last.pth")))
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "bench")), [])  # its timed checkpoint removed, no other
+        params = sum(p.numel() for p in M.MVDStudent("vit_tiny", 8, 64, 2, 192, 192, depth=1).parameters())
+        self.assertAlmostEqual(result["checkpoint_gb"], 3 * 4 * params / 1e9, delta=0.002)  # weights + 2 AdamW moments
         self.assertAlmostEqual(result["clips_per_s"], 2 / result["step_s"], delta=0.02 * result["clips_per_s"])
         # achieved = GFLOP per clip x clips/s, up to the printed rounding (0.1 GFLOP per clip, 0.1 GFLOP/s)
         self.assertAlmostEqual(result["achieved_gflops"], result["gflop_per_clip"] * result["clips_per_s"],
