@@ -698,24 +698,20 @@ def resume(args, env, model, optimizer):
     """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
     epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
-    start = SimpleNamespace(epoch=0, step=0, sums={}, count=0)
-    path = args.resume or None
-    if path is None and args.auto_resume and os.path.exists(os.path.join(args.output_dir, "checkpoint-last.pth")):
-        path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if path is None:
-        return start
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    path = args.resume or (last if args.auto_resume and os.path.exists(last) else None)
+    if path is None:  # a fresh run
+        return SimpleNamespace(epoch=0, step=0, sums={}, count=0)
     state = read_checkpoint(path)
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
     mid_epoch = "step" in state  # written inside an epoch, else at its end
-    if mid_epoch:  # the steps left see the same samples only with the same total batch
-        total_batch = args.batch_size * args.update_freq * env.world_size
-        if state["total_batch"] != total_batch:
-            raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of "
-                             f"{state['total_batch']}, this run's is {total_batch} ({env.world_size} x "
-                             f"{args.batch_size} x {args.update_freq}): restart with processes x --batch_size x "
-                             f"--update_freq = {state['total_batch']}")
+    total_batch = args.batch_size * args.update_freq * env.world_size
+    if mid_epoch and state["total_batch"] != total_batch:  # the steps left would see other samples
+        raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of {state['total_batch']}, "
+                         f"this run's is {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}): "
+                         f"restart with processes x --batch_size x --update_freq = {state['total_batch']}")
     start = SimpleNamespace(epoch=state["epoch"] if mid_epoch else state["epoch"] + 1, step=state.get("step", 0),
                             sums=state.get("sums", {}), count=state.get("count", 0))
     load_checkpoint(model, state["model"], verbose=False)
@@ -753,11 +749,10 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
     """One epoch of optimizer steps. loss_fn(batch) -> (loss, {name: float}) runs under autocast.
     Gradients accumulate over --update_freq micro-batches (DDP syncs only on the last one); the lr follows
     cosine_schedule per optimizer step; a non-finite loss stops the run before the step is taken.
-    Exact continuation: every --save_every_steps steps / --save_every_minutes rank 0 writes checkpoint-last.pth with the
-    steps done and the log's running sums; in start's epoch (resume()) the sampler leaves out the batches of the steps
-    done, never read, and the sums are restored. Each step's randomness (drop path, dropout, mixup) is seeded from
-    (seed, step, rank), so no RNG state is saved; a sample's comes from (seed, epoch, index) (data.py)."""
-    raw = model.module if env.ddp else model
+    Exact continuation: every --save_every_steps / --save_every_minutes, rank 0 writes checkpoint-last.pth with the
+    steps done and the log's running sums; in start's epoch (resume()) the sampler leaves those steps' samples out,
+    unread, and the sums are restored. No RNG state is saved: each step's randomness (drop path, dropout, mixup) is
+    seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
@@ -800,7 +795,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
             due = (args.save_every_steps and done % args.save_every_steps == 0 or
                    args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes)
             if env.is_main and due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                save_training_state(args, raw, optimizer, env.scaler, epoch, dict(
+                save_training_state(args, model.module if env.ddp else model, optimizer, env.scaler, epoch, dict(
                     step=done, sums=sums, count=count, total_batch=args.batch_size * args.update_freq * env.world_size))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
