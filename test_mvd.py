@@ -1929,11 +1929,12 @@ class TestPretrainMAE(unittest.TestCase):
 
     def test_every_stage_has_the_shared_flags(self):
         common = ["--use_checkpoint", "--update_freq", "2", "--clip_grad", "1.5", "--seed", "7", "--no-auto_resume",
-                  "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto"]
+                  "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto", "--save_every_steps", "50"]
         for stage in (pretrain_mae, distill, finetune):
             args = stage.get_args(common)
             self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
                               args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
+            self.assertEqual((args.save_every_steps, args.save_every_minutes), (50, 15))
             self.assertEqual(args.precision, "fp16" if torch.cuda.is_available() else "fp32")
         self.assertEqual(pretrain_mae.get_args(["--mode", "image"]).output_dir, os.path.join("output", "image_mae"))
         self.assertEqual((distill.get_args([]).drop_path, finetune.get_args([]).drop_path,
