@@ -1602,7 +1602,7 @@ def read_log(folder):
 
 
 class Killed(Exception):
-    """Raised right after a stage's first checkpoint is written: the test's stand-in for SIGKILL."""
+    """The tests' stand-in for SIGKILL, raised at a chosen moment of a run (after a checkpoint, a sample read)."""
 
 
 def killed_after_first_checkpoint(stage):
