@@ -11,6 +11,7 @@ samples of 1 rank x batch 2b. The official code draws them from each worker's gl
 """
 import argparse
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -416,10 +417,17 @@ class ImageDataset(SeededDataset):
 # ------------------------------------------------------------------------------------------- loaders and mixing
 class EpochSampler(DistributedSampler):
     """DistributedSampler (order from seed + epoch, rank r takes every world_size-th index) yielding (index, epoch),
-    so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch."""
+    so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch; set_epoch(epoch, skip)
+    leaves out this rank's first `skip` indices, so that a run resumed mid-epoch never reads them (the DataLoader
+    iterates the sampler in the main process, also with persistent workers: it takes effect at the next iter())."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
+        return ((index, self.epoch) for index in itertools.islice(super().__iter__(), self.skip, None))
 
 
 def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,

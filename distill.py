@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import data
 from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
                    bench_steps, fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours,
-                   read_checkpoint, resume, save_training_state, setup_distributed, to_pixels, train_one_epoch,
-                   trained_checkpoint, training_step)
+                   read_checkpoint, resume, save_checkpoint, save_training_state, setup_distributed, to_pixels,
+                   train_one_epoch, trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -154,15 +154,16 @@ def main(args):
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    start_epoch = resume(args, raw, optimizer, env.scaler)
+    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
               f"({env.world_size} x {args.batch_size} x {args.update_freq}), lr {args.lr:.3g}, "
               f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
-    # 5. Loop: one checkpoint per epoch, written atomically; its 'model' loads into the official MVD student
-    for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn)
+    # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'
+    # loads into the official MVD student
+    for epoch in range(start.epoch, args.epochs):
+        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
         if env.is_main:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
@@ -229,10 +230,17 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     a = torch.randn(1024, 1024, dtype=env.dtype, device=env.device)  # the device's product speed in this dtype
     matmul = bench_steps(lambda: a @ a, 3, 1)["step_s"]
     gflop = counter.get_total_flops() / 1e9 / B
+    # a checkpoint of the student and its AdamW state, as written inside an epoch: the cost --save_every_minutes pays
+    path = os.path.join(args.output_dir, "bench-checkpoint.pth")
+    saving = bench_steps(lambda: save_checkpoint(path, model=student.state_dict(), optimizer=optimizer.state_dict()),
+                         3, 1)
+    checkpoint_gb = os.path.getsize(path) / 1e9
+    os.unlink(path)
     print(json.dumps({"model": args.model, "teachers": {n: type(t).__name__ for n, t in teachers.items()},
                       "precision": args.precision, "batch_size": B, "frames": T, "input_size": S, **result,
                       "gflop_per_clip": round(gflop, 1), "achieved_gflops": round(gflop * result["clips_per_s"], 1),
-                      "matmul_gflops": round(2 * 1024 ** 3 / matmul / 1e9, 1)}))
+                      "matmul_gflops": round(2 * 1024 ** 3 / matmul / 1e9, 1), "checkpoint_s": saving["step_s"],
+                      "checkpoint_gb": round(checkpoint_gb, 3)}))
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ def main(args):
                                        num_workers=args.num_workers, device_type=env.device.type)
                for split, d in sets.items()}
     # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
+    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
     raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, drop_path=args.drop_path,
                           head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
                           use_checkpoint=args.use_checkpoint, depth=args.depth)
@@ -271,16 +272,17 @@ def main(args):
     args.lr = args.lr or args.blr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
                                   betas=(0.9, 0.999))
-    start_epoch = resume(args, raw, optimizer, env.scaler)
+    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
               f"batch {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
               f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch")
-    # 5. Loop: evaluation every --eval_freq epochs and after the last, one checkpoint per epoch written atomically
-    for epoch in range(start_epoch, args.epochs):
+    # 5. Loop: evaluation every --eval_freq epochs and after the last, then the epoch's log line and checkpoint (a run
+    # killed during an evaluation resumes from a checkpoint inside the epoch and evaluates once, after its last step)
+    for epoch in range(start.epoch, args.epochs):
         stats = {f"train_{k}": v for k, v in train_one_epoch(args, env, model, loaders["train"], optimizer, epoch,
-                                                             loss_fn).items()}
+                                                             loss_fn, start).items()}
         if epoch + 1 == args.epochs:
             stats.update(evaluate_split(final_split, epoch))
         elif (epoch + 1) % args.eval_freq == 0:

@@ -92,7 +92,7 @@ def main(args):
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    start_epoch = resume(args, raw, optimizer, env.scaler)
+    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
@@ -103,9 +103,9 @@ def main(args):
             return model(batch["video"].to(env.device), batch["mask"].to(env.device))[0], {}
         return model(batch["image"].to(env.device), mask=batch["mask"].to(env.device))[0], {}
 
-    # 5. Loop: one checkpoint per epoch, written atomically
-    for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn)
+    # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
+    for epoch in range(start.epoch, args.epochs):
+        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
         if env.is_main:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")

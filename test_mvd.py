@@ -11,9 +11,11 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 import warnings
 from types import SimpleNamespace
@@ -1386,6 +1388,39 @@ class TestLoader(DatasetCase):
             self.assertTrue(torch.equal(merged["mask"][order], batch["mask"][batch["index"].argsort()]))
 
 
+class Numbers(torch.utils.data.Dataset):
+    """Items 0..n-1 as {"index", "epoch"}; the items read are recorded (in this process when num_workers=0)."""
+
+    def __init__(self, n):
+        self.n, self.reads = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, item):
+        self.reads.append(item)
+        return {"index": item[0], "epoch": item[1]}
+
+
+class TestSamplerSkip(unittest.TestCase):
+    def test_skipped_samples_are_never_read_with_or_without_persistent_workers(self):
+        def epoch(loader, number, skip=0):
+            loader.sampler.set_epoch(number, skip=skip)
+            return [batch["index"].tolist() for batch in loader]
+
+        numbers = Numbers(13)
+        loader = data.make_loader(numbers, 2, seed=3, rank=1, world_size=2, num_workers=0)
+        full = epoch(loader, 5)  # rank 1 of 2: 6 of the 13 items, 3 batches of 2
+        self.assertEqual((len(full), len(loader)), (3, 3))
+        numbers.reads.clear()
+        self.assertEqual(epoch(loader, 5, skip=2), full[1:])  # one batch done: the rest, in the same order
+        self.assertEqual(numbers.reads, [(i, 5) for batch in full[1:] for i in batch])  # the first batch never read
+        self.assertEqual(len(loader), 3)  # len() is still the epoch's, as train_one_epoch counts steps by it
+        workers = data.make_loader(Numbers(13), 2, seed=3, rank=1, world_size=2, num_workers=2)
+        self.assertEqual(epoch(workers, 5, skip=4), full[2:])  # the sampler runs in this process, also with workers
+        self.assertEqual(epoch(workers, 6), epoch(loader, 6))  # the persistent workers' next epoch: all of it
+
+
 class TestMixupCutmix(unittest.TestCase):
     def test_soft_targets_and_same_box_in_every_frame(self):
         torch.manual_seed(0)
@@ -1550,6 +1585,43 @@ def run_ddp(script, options, nproc=2):
     return subprocess.run(cmd + flags(options), cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
 
 
+def run_ddp_killed(script, options, kill_rank, after, nproc=2):
+    """torchrun --max-restarts 1 with nproc gloo processes; when a printed line matches `after`, the worker of rank
+    `kill_rank` gets SIGKILL from outside, as at a preemption: torchrun restarts the group, which resumes by itself.
+    -> (torchrun's exit status, everything printed, stdout and stderr together)."""
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max-restarts=1", script]
+    printed, killed = [], False
+    with subprocess.Popen(cmd + flags(options), cwd=HERE, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as launcher:
+        timer = threading.Timer(600, launcher.kill)  # a hung group fails the test instead of the suite
+        timer.start()
+        for line in launcher.stdout:
+            printed.append(line)
+            if not killed and re.search(after, line):
+                os.kill(worker_pid(launcher.pid, kill_rank), signal.SIGKILL)
+                killed = True
+        timer.cancel()
+    return launcher.returncode, "".join(printed)
+
+
+def worker_pid(launcher, rank):
+    """The process torchrun started for this rank: a child of the launcher whose environment has RANK=rank."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher})")
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -1600,7 +1672,7 @@ def read_log(folder):
 
 
 class Killed(Exception):
-    """Raised right after a stage's first checkpoint is written: the test's stand-in for SIGKILL."""
+    """The tests' stand-in for SIGKILL, raised at a chosen moment of a run (after a checkpoint, a sample read)."""
 
 
 def killed_after_first_checkpoint(stage):
@@ -1614,11 +1686,43 @@ def killed_after_first_checkpoint(stage):
     return mock.patch.object(stage, "save_training_state", save_then_die)
 
 
+def killed_and_restarted(run, kills, finish=True):
+    """run() a stage, killed (Killed raised) at the kills[0]-th moment of the run; run() it again (the same command),
+    killed at the kills[1]-th moment of that run; ...; then (finish) let a last one finish. A moment is a sample read
+    (inside a step or an evaluation) or a checkpoint written (killed before save_checkpoint's rename: the previous one
+    is kept). -> (what the last run() returned, the samples it read)."""
+    read_sample, write = data.SeededDataset.__getitem__, torch.save
+    for kill in [*kills, None] if finish else kills:
+        moments, reads = [0], []
+
+        def moment():
+            moments[0] += 1
+            if moments[0] == kill:
+                raise Killed
+
+        def read(self, item):
+            moment()
+            reads.append(item)
+            return read_sample(self, item)
+
+        def save(obj, f):
+            write(obj, f)
+            moment()
+
+        with mock.patch.object(data.SeededDataset, "__getitem__", read), mock.patch.object(torch, "save", save):
+            try:
+                result = run()
+            except Killed:
+                continue
+        assert kill is None, f"the run ended before its moment {kill}"
+        return result, reads
+
+
 def fixed_batch_loop(stage, steps, record):
     """Replace the stage's train_one_epoch by `steps` optimizer steps on its loader's first batch, through the stage's
     own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before backward."""
 
-    def loop(args, env, model, loader, optimizer, epoch, loss_fn):
+    def loop(args, env, model, loader, optimizer, epoch, loss_fn, start):
         batch = next(iter(loader))
         model.train()
         for i in range(steps):
@@ -1807,7 +1911,7 @@ class TestPretrainMAE(unittest.TestCase):
         self.assertNotEqual(read_log(folder)[1]["train_loss"], 9.0)
 
     def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(self):
-        opts = dict(blr=0.064, drop_path=0.0)  # lr = 0.064 * 4 / 256 = 1e-3 for a total batch of 4
+        opts = dict(blr=0.064, drop_path=0.0, precision="fp32")  # lr = 0.064 * 4 / 256 = 1e-3 for a total batch of 4
         ddp = run_ddp("pretrain_mae.py", self.options("ddp2", batch_size=2, **opts))
         self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
         self.assertIn("total batch 4 (2 x 2 x 1), lr 0.001", ddp.stdout)
@@ -1817,6 +1921,33 @@ class TestPretrainMAE(unittest.TestCase):
         one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
         self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        # one process killed inside its second step, 2 processes go on with the same total batch (1 x 2 accumulated)
+        folder = os.path.join(self.tmp, "ddp1to2")
+        killed_and_restarted(lambda: run_stage(pretrain_mae, self.options("ddp1to2", batch_size=4, save_every_steps=1,
+                                                                          **opts)), [6], finish=False)
+        ddp = run_ddp("pretrain_mae.py", self.options("ddp1to2", batch_size=1, update_freq=2, **opts))
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        self.assertIn("epoch 0 at optimizer step 1", ddp.stdout)
+        moved = training_checkpoint(self, folder)
+        self.assertEqual(optimizer_steps(moved), 4.0)
+        self.assertLess(max_weight_diff(self, moved["model"], one["model"]), 1e-5)
+
+    def test_resumed_inside_an_epoch_by_another_split_of_the_same_total_batch(self):
+        opts = dict(epochs=2, lr=1e-3, save_every_steps=1, precision="fp32")  # batch 4: 4 steps an epoch
+        run_stage(pretrain_mae, self.options("split_a", **opts))
+        b4, b2 = self.options("split_b", **opts), self.options("split_b", batch_size=2, **opts)
+        killed_and_restarted(lambda: run_stage(pretrain_mae, b4), [7], finish=False)  # reads 1-4, checkpoint 5, 6-
+        with self.assertRaisesRegex(ValueError, r"inside epoch 0 with a total batch of 4, this run's is 2 \(1 x 2 x 1\)"
+                                                r": restart with processes x --batch_size x --update_freq = 4"):
+            run_stage(pretrain_mae, b2)  # its steps would see other samples
+        (_, printed), reads = killed_and_restarted(lambda: run_stage(pretrain_mae, {**b2, "--update_freq": 2}), [])
+        self.assertIn("epoch 0 at optimizer step 1", printed)
+        self.assertIn("total batch 4 (1 x 2 x 2)", printed)
+        self.assertEqual(len(reads), 28)  # 7 of the 8 steps
+        one, two = (training_checkpoint(self, os.path.join(self.tmp, f"split_{x}")) for x in "ab")
+        self.assertEqual((optimizer_steps(one), optimizer_steps(two)), (8.0, 8.0))
+        self.assertLess(max_weight_diff(self, one["model"], two["model"]), 1e-5)  # 2 x 2 sums gradients in another order
+        self.assertEqual([r["epoch"] for r in read_log(os.path.join(self.tmp, "split_b"))], [0, 1])
 
     def test_update_freq_2_equals_a_double_batch(self):
         opts = dict(blr=0.064, drop_path=0.0)
@@ -1868,11 +1999,12 @@ class TestPretrainMAE(unittest.TestCase):
 
     def test_every_stage_has_the_shared_flags(self):
         common = ["--use_checkpoint", "--update_freq", "2", "--clip_grad", "1.5", "--seed", "7", "--no-auto_resume",
-                  "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto"]
+                  "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto", "--save_every_steps", "50"]
         for stage in (pretrain_mae, distill, finetune):
             args = stage.get_args(common)
             self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
                               args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
+            self.assertEqual((args.save_every_steps, args.save_every_minutes), (50, 15))
             self.assertEqual(args.precision, M.auto_precision(torch.cuda.is_available())[0])
         self.assertEqual(pretrain_mae.get_args(["--mode", "image"]).output_dir, os.path.join("output", "image_mae"))
         self.assertEqual((distill.get_args([]).drop_path, finetune.get_args([]).drop_path,
@@ -2138,6 +2270,33 @@ class TestDistill(unittest.TestCase):
         assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
         self.assertEqual(read_log(os.path.join(self.tmp, "resume_a")), read_log(folder))
 
+    def test_killed_at_any_moment_any_number_of_times_resumes_bit_for_bit(self):
+        # 16 clips, 2 per micro-batch, 2 micro-batches a step: 4 steps of 4 reads an epoch, a checkpoint after each.
+        # Moments of epoch 0: reads 1-4, checkpoint 5, reads 6-9, 10, reads 11-14, 15, reads 16-19, log line + 20.
+        opts = dict(epochs=2, batch_size=2, update_freq=2, drop_path=0.1, lr=1e-3, save_every_steps=1,
+                    precision="fp32")
+        (whole, _), reads = killed_and_restarted(lambda: run_stage(distill, self.options("mid_a", **opts)), [])
+        self.assertEqual(len(reads), 32)
+        # killed inside step 2; in the last micro-batch of the epoch; writing the epoch's checkpoint (its log line
+        # written); writing a checkpoint of epoch 1; after the first micro-batch of epoch 1's step 3; writing
+        # checkpoint-last.pth after checkpoint-1.pth at the very end
+        (restarted, printed), last_reads = killed_and_restarted(
+            lambda: run_stage(distill, self.options("mid_b", **opts)), [6, 14, 5, 10, 12, 11])
+        self.assertIn("epoch 1 at optimizer step 3", printed)
+        self.assertEqual(last_reads, reads[-4:])  # the steps done were never read again
+        folder = os.path.join(self.tmp, "mid_b")
+        a, b = training_checkpoint(self, os.path.join(self.tmp, "mid_a")), training_checkpoint(self, folder)
+        self.assertEqual((a["epoch"], optimizer_steps(a)), (1, 8.0))
+        assert_identical(self, a, b)
+        kept = [{k: v for k, v in load(os.path.join(d, "checkpoint-1.pth")).items() if k != "args"} for d in (
+            os.path.join(self.tmp, "mid_a"), folder)]
+        assert_identical(self, *kept, "checkpoint-1.pth")
+        assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        with open(os.path.join(self.tmp, "mid_a", "log.txt")) as f, open(os.path.join(folder, "log.txt")) as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertEqual([r["epoch"] for r in read_log(folder)], [0, 1])
+        self.assertFalse([f for f in os.listdir(folder) if ".tmp" in f])
+
     def test_same_flags_give_the_same_run_whatever_the_global_rng_state(self):
         run_stage(distill, self.options("seed_a", lr=1e-3, drop_path=0.1), seed=1)
         run_stage(distill, self.options("seed_b", lr=1e-3, drop_path=0.1), seed=2)
@@ -2147,8 +2306,8 @@ class TestDistill(unittest.TestCase):
         self.assertEqual(diff, 0.0, "distill.main must call torch.manual_seed(args.seed) before building the student "
                                     "(and any random teacher)")
 
-    def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(self):
-        opts = dict(blr=0.064)  # lr = 1e-3 at a total batch of 4; drop_path 0
+    def test_ddp_two_processes_equal_one_process_and_a_killed_worker_changes_nothing(self):
+        opts = dict(blr=0.064, precision="fp32", save_every_steps=1)  # lr = 1e-3 at a total batch of 4; drop_path 0
         ddp = run_ddp("distill.py", self.options("ddp2", batch_size=2, **opts))
         self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
         self.assertIn("total batch 4 (2 x 2 x 1), lr 0.001", ddp.stdout)
@@ -2159,6 +2318,13 @@ class TestDistill(unittest.TestCase):
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
         self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
         self.assertEqual([r["epoch"] for r in read_log(os.path.join(self.tmp, "ddp2"))], [0])
+        # rank 1 killed (SIGKILL) during step 3 or 4: torchrun restarts both, and they go on from rank 0's checkpoint
+        code, printed = run_ddp_killed("distill.py", self.options("ddp2_killed", batch_size=2, **opts), 1,
+                                       r"epoch 0 step 2/4")
+        self.assertEqual(code, 0, printed[-3000:])
+        self.assertRegex(printed, r"resumed from .*: epoch \d+ (at optimizer step \d+|done)")
+        assert_identical(self, two, training_checkpoint(self, os.path.join(self.tmp, "ddp2_killed")))
+        self.assertEqual(read_log(os.path.join(self.tmp, "ddp2")), read_log(os.path.join(self.tmp, "ddp2_killed")))
 
     def test_checkpoint_loads_back_strictly_and_training_continues(self):
         folder = os.path.join(self.tmp, "continue")
@@ -2186,11 +2352,14 @@ class TestDistill(unittest.TestCase):
         lines = [line for line in printed.splitlines() if line.startswith("{")]
         self.assertEqual(len(lines), 1, printed)
         result = json.loads(lines[0])
-        keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops")
+        keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops",
+                "checkpoint_s", "checkpoint_gb")
         for key in keys:
             self.assertIsInstance(result.get(key), (int, float), key)
             self.assertGreater(result[key], 0, key)
-        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bench", "checkpoint-last.pth")))
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "bench")), [])  # its timed checkpoint removed, no other
+        params = sum(p.numel() for p in M.MVDStudent("vit_tiny", 8, 64, 2, 192, 192, depth=1).parameters())
+        self.assertAlmostEqual(result["checkpoint_gb"], 3 * 4 * params / 1e9, delta=0.002)  # weights + 2 AdamW moments
         self.assertAlmostEqual(result["clips_per_s"], 2 / result["step_s"], delta=0.02 * result["clips_per_s"])
         # achieved = GFLOP per clip x clips/s, up to the printed rounding (0.1 GFLOP per clip, 0.1 GFLOP/s)
         self.assertAlmostEqual(result["achieved_gflops"], result["gflop_per_clip"] * result["clips_per_s"],
@@ -2347,8 +2516,8 @@ class TestFinetune(unittest.TestCase):
         depth, decay, captured = 3, 0.75, {}
         real = finetune.train_one_epoch
 
-        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn):
-            real(args, env, model, loader, optimizer, epoch, loss_fn)
+        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn, start):
+            real(args, env, model, loader, optimizer, epoch, loss_fn, start)
             captured.update(model=model, optimizer=optimizer)
             raise FtStop
 
@@ -2466,6 +2635,48 @@ class TestFinetune(unittest.TestCase):
         with open(os.path.join(self.tmp, "resume_a", "log.txt")) as f, \
                 open(os.path.join(self.tmp, "resume_b", "log.txt")) as g:
             self.assertEqual(f.read(), g.read())
+
+    def test_killed_during_evaluation_evaluates_once_and_resumes_bit_for_bit(self):
+        # 8 videos, batch 2: 4 steps of 2 reads an epoch, then the evaluation's 5 reads. Moments of epoch 0: reads 1-2,
+        # checkpoint 3, reads 4-5, 6, reads 7-8, 9, reads 10-11, evaluation 12-16, log line + checkpoint 17.
+        opts = dict(epochs=2, eval_freq=1, batch_size=2, lr=1e-3, save_every_steps=1, precision="fp32")
+        (whole, _), reads = killed_and_restarted(lambda: run_finetune(self.options("eval_a", **opts)), [])
+        # killed in epoch 0's evaluation; writing epoch 0's checkpoint (its log line written); in the evaluation
+        # after the last epoch (mixup and drop path draw from the global RNG: each step seeds its own)
+        (restarted, printed), last_reads = killed_and_restarted(
+            lambda: run_finetune(self.options("eval_b", **opts), seed=next(FRESH)), [14, 8, 22])
+        self.assertIn("epoch 1 at optimizer step 3", printed)
+        self.assertEqual([r["epoch"] for r in json_lines(printed)], [1])  # the last restart evaluated once
+        self.assertEqual(last_reads, reads[-7:])
+        a, b = (torch.load(os.path.join(self.tmp, f"eval_{x}", "checkpoint-last.pth"), weights_only=True)
+                for x in "ab")
+        a.pop("args"), b.pop("args")  # they name the output folder
+        ft_assert_identical(self, a, b)
+        ft_assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        with open(os.path.join(self.tmp, "eval_a", "log.txt")) as f, \
+                open(os.path.join(self.tmp, "eval_b", "log.txt")) as g:
+            log = f.read()
+            self.assertEqual(log, g.read())
+        self.assertEqual([(r["epoch"], r["test_split"]) for r in map(json.loads, log.splitlines())],
+                         [(0, "val"), (1, "val")])  # one evaluation line per epoch
+
+    def test_ddp_rank_0_killed_after_an_evaluation_changes_nothing(self):
+        opts = dict(epochs=2, eval_freq=1, batch_size=2, lr=1e-3, save_every_steps=1, precision="fp32")
+        ddp = run_ddp("finetune.py", self.options("ddp_a", **opts))  # 8 videos, 2 x 2: 2 steps an epoch
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        # rank 0 killed once it printed epoch 0's evaluation: before, while or after it writes the log line
+        code, printed = run_ddp_killed("finetune.py", self.options("ddp_b", **opts), 0, r'"epoch": 0, "split"')
+        self.assertEqual(code, 0, printed[-3000:])
+        self.assertRegex(printed, r"resumed from .*: epoch \d+ (at optimizer step \d+|done)")
+        a, b = (torch.load(os.path.join(self.tmp, f"ddp_{x}", "checkpoint-last.pth"), weights_only=True)
+                for x in "ab")
+        a.pop("args"), b.pop("args")
+        ft_assert_identical(self, a, b)
+        with open(os.path.join(self.tmp, "ddp_a", "log.txt")) as f, \
+                open(os.path.join(self.tmp, "ddp_b", "log.txt")) as g:
+            log = f.read()
+            self.assertEqual(log, g.read())
+        self.assertEqual([json.loads(line)["epoch"] for line in log.splitlines()], [0, 1])
 
     def test_corrupt_videos_are_skipped_and_listed(self):
         folder = os.path.join(self.tmp, "corrupt_lists")
