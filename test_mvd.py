@@ -1921,6 +1921,13 @@ class TestPretrainMAE(unittest.TestCase):
         one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
         self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        # rank 0 killed (SIGKILL) after its second step: torchrun restarts both, the run ends as if never killed
+        code, printed = run_ddp_killed("pretrain_mae.py", self.options("ddp2_killed", batch_size=2, save_every_steps=1,
+                                                                       **opts), 0, r"epoch 0 step 2/4")
+        self.assertEqual(code, 0, printed[-3000:])
+        self.assertRegex(printed, r"resumed from .*: epoch 0 at optimizer step \d+")
+        assert_identical(self, two, training_checkpoint(self, os.path.join(self.tmp, "ddp2_killed")))
+        self.assertEqual(read_log(os.path.join(self.tmp, "ddp2")), read_log(os.path.join(self.tmp, "ddp2_killed")))
         # one process killed inside its second step, 2 processes go on with the same total batch (1 x 2 accumulated)
         folder = os.path.join(self.tmp, "ddp1to2")
         killed_and_restarted(lambda: run_stage(pretrain_mae, self.options("ddp1to2", batch_size=4, save_every_steps=1,
