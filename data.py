@@ -76,10 +76,18 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     if by_pts and not (rate and time_base):
         return None
     ticks_per_frame = 1 / float(rate * time_base) if by_pts else None
-    # pts of frame 0 = the first frame a full decode gives; stream.start_time can be a frame off (AVI with B-frames)
+    # pts of frame 0 = the first frame a full decode gives; stream.start_time can be a frame off (AVI with B-frames).
+    # Read off the first packets when they show it plainly (the stream opens on a keyframe shown before the next 15
+    # packets), which decodes nothing; otherwise decode up to the first frame.
     origin = None
     if by_pts and first > 0:
-        origin = next((frame.pts for packet in container.demux(stream) for frame in packet.decode()), None)
+        head = list(itertools.islice(container.demux(stream), 16))
+        timed = [packet.pts for packet in head if packet.pts is not None]
+        if head and head[0].is_keyframe and head[0].pts is not None and head[0].pts == min(timed):
+            origin = head[0].pts
+        else:
+            origin = next((frame.pts for packet in itertools.chain(head, container.demux(stream))
+                           for frame in packet.decode()), None)
         if origin is None:
             return None
         # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
