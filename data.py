@@ -94,6 +94,10 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
         container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
     out, previous, index, skipped = {}, None, -1, set()
+    # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame,
+    # which costs 5-10x the decoding itself (2.3 ms a 64-px frame, 2.8 ms at 340x256, on 2 cores); the same context
+    # reused gives the same pixels.
+    rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24")
     for packet in container.demux(stream):
         if origin is not None:  # decided per packet, before the decoder's threads see it
             n = None if packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
@@ -114,7 +118,7 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
             else:
                 index += 1
             if index in wanted or convert_all:
-                out[index] = frame.to_ndarray(format="rgb24")
+                out[index] = rgb(frame).to_ndarray()
             if index >= last and not convert_all:
                 return out
             previous = frame
@@ -124,7 +128,7 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         raise ValueError("no frames decoded")
     if by_pts and (index < first or max(skipped, default=-1) > index):  # the video ended among skipped frames:
         return None  # its last frame may be one of them
-    tail = out[index] if index in out else previous.to_ndarray(format="rgb24")
+    tail = out[index] if index in out else rgb(previous).to_ndarray()
     return {i: out.get(i, tail) for i in wanted}  # indices past the end get the last frame
 
 
