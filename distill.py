@@ -60,9 +60,14 @@ def get_args(argv=None):
     if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
         p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
                 "--video_teacher_loss_weight above 0")
-    if args.input_size % 16 or args.num_frames % 2 or args.teacher_input_size % args.teacher_patch_size:
-        p.error("--input_size must be a multiple of 16, --num_frames even and --teacher_input_size a multiple of "
-                "--teacher_patch_size")
+    if args.input_size % args.patch_size or args.num_frames % 2 or (
+            args.teacher_input_size % args.teacher_patch_size):
+        p.error("--input_size must be a multiple of --patch_size, --num_frames even and --teacher_input_size a "
+                "multiple of --teacher_patch_size")
+    if args.teacher_input_size // args.teacher_patch_size != args.input_size // args.patch_size:
+        p.error(f"the image teacher's grid ({args.teacher_input_size} px / --teacher_patch_size "
+                f"{args.teacher_patch_size}) must equal the student's ({args.input_size} px / --patch_size "
+                f"{args.patch_size}): one teacher token per tube")
     return args
 
 
@@ -76,10 +81,14 @@ def build_teacher(kind, args, device, dtype):
     saved = read_checkpoint(path).get("args", {}) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth = saved.get("depth")  # our small test configs record their depth
+    patch = args.teacher_patch_size if kind == "image" else args.patch_size  # the video teacher's tubes = the student's
+    if saved.get("patch_size", patch) != patch:
+        raise ValueError(f"the {kind} teacher {path} was trained with patch size {saved['patch_size']}, this run asks "
+                         f"for {patch}: pass --{'teacher_' if kind == 'image' else ''}patch_size {saved['patch_size']}")
     if kind == "image":
-        teacher = ImageMAE(size, args.teacher_input_size, args.teacher_patch_size, decoder_depth=0, depth=depth)
+        teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
     else:
-        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, decoder_depth=0, depth=depth)
+        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
     if path:
         print(f"{kind} teacher {size} from {path}")
         load_checkpoint(teacher, path)
@@ -117,7 +126,7 @@ def main(args):
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
     teachers = {name: build_teacher(kind, args, env.device, env.dtype)
                 for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
-    raw = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth,
+    raw = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth, patch_size=args.patch_size,
                      img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
                      vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,
                      decoder_dim=args.feat_decoder_embed_dim, decoder_heads=args.feat_decoder_num_heads,
@@ -146,7 +155,8 @@ def main(args):
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
                                 teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
-                                seed=args.seed, output_dir=args.output_dir, max_bad_videos=args.max_bad_videos)
+                                patch_size=args.patch_size, seed=args.seed, output_dir=args.output_dir,
+                                max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
@@ -215,7 +225,7 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     """Distillation steps on random clips (no data loading): one JSON line with time, memory and FLOP figures."""
     from torch.utils.flop_counter import FlopCounterMode
     B, S, T = args.batch_size, args.input_size, args.num_frames
-    grid = (T // 2, S // 16, S // 16)
+    grid = (T // 2, S // args.patch_size, S // args.patch_size)
     batch = {"video": torch.randn(B, 3, T, S, S), "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())}
     batch["mask"] = batch["mask"][None].expand(B, -1)
     if args.teacher_input_size != S:

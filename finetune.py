@@ -90,9 +90,9 @@ def get_args(argv=None):
     if args.aa != "none" and not magnitude_ops:
         p.error(f"--aa {args.aa!r}: give 'none' or a RandAugment string like rand-m7-n4-mstd0.5-inc1")
     args.rand_augment = (int(magnitude_ops[2]), int(magnitude_ops[1])) if magnitude_ops else None  # (ops, magnitude)
-    if args.input_size % 16 or args.num_frames % 2:
-        p.error(f"--input_size ({args.input_size}) must be a multiple of 16 and --num_frames ({args.num_frames}) "
-                "even (tubes span 2 frames)")
+    if args.input_size % args.patch_size or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
+                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     return args
 
 
@@ -100,6 +100,10 @@ def load_pretrained(model, path):
     """Weights of any checkpoint layout (model.load_checkpoint), after dropping a classifier head whose class count
     differs from the model's, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
     state = read_checkpoint(path)
+    patch = state.get("args", {}).get("patch_size", model.patch_size)  # our checkpoints record their patch size
+    if patch != model.patch_size:
+        raise ValueError(f"{path} was trained with patch size {patch}, this run has {model.patch_size}: pass "
+                         f"--patch_size {patch}")
     state = dict(state.get("model", state.get("module", state)))  # where our and the official checkpoints keep weights
     own = model.state_dict()
     for key in list(state):
@@ -173,7 +177,7 @@ def main(args):
     segment = args.data_set == "SSV2"
     common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, sampling="segment" if segment else
                   "dense", input_size=args.input_size, seed=args.seed, output_dir=args.output_dir,
-                  max_bad_videos=args.max_bad_videos)
+                  max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     if args.bench:
         lists = {}
     elif args.extract_features or args.visualize:
@@ -203,7 +207,8 @@ def main(args):
                for split, d in sets.items()}
     # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
     torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
-    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, drop_path=args.drop_path,
+    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
+                          drop_path=args.drop_path,
                           head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
                           use_checkpoint=args.use_checkpoint, depth=args.depth)
     if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)

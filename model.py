@@ -58,6 +58,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--sampling_rate", type=int, help="frames between sampled frames; 0 repeats one frame (a "
                                                      "single-frame baseline: no motion left to see)")
     p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
+    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames); "
+                   "8 at 64 px gives an 8x8 grid")
     p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
     p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
@@ -74,6 +76,9 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                    help="autocast dtype; auto: bf16 on GPUs that have it (else fp16 with loss scaling, as the official "
                         "runs) and on CPUs with bf16 matrix units, else fp32 (fp16 on a CPU only with fp16 units)")
     p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode each video once and keep it in memory (each worker its own copy): small sets of small "
+                        "videos, like the synthetic set, then load at the model's pace")
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
@@ -659,7 +664,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     for key, value in clean.items():
         if key in own and own[key].shape != value.shape:
             raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
-                             f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and the patch size")
+                             f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and --patch_size")
     fill = {k: v for k, v in own.items() if is_position_table(k)}  # keep the model's own tables
     missing, unexpected = model.load_state_dict({**clean, **fill}, strict=False)
     if verbose:

@@ -29,7 +29,6 @@ def get_args(argv=None):
     p.add_argument("--mode", choices=["image", "video"], default="video", help="which teacher to train")
     p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
     p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
-    p.add_argument("--patch_size", type=int, default=16, help="14 for an image MAE-H at 196 px")
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
     p.add_argument("--decoder_depth", type=int, help="pixel decoder blocks (default: MAE 8; VideoMAE 4, 12 for L/H)")
     p.add_argument("--decoder_dim", type=int, help="pixel decoder width (default: MAE 512; VideoMAE by size)")
@@ -79,7 +78,7 @@ def main(args):
         return visualize(args, env, raw, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size, seed=args.seed,
-                  output_dir=args.output_dir, max_bad_videos=args.max_bad_videos)
+                  output_dir=args.output_dir, max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     if video:
         dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                     sampling_rate=args.sampling_rate, **common)

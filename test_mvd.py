@@ -1458,6 +1458,29 @@ class TestImageDataset(DatasetCase):
         self.assertEqual(len(data.ImageDataset(folder, input_size=32)), 4)
 
 
+class TestCachedReader(DatasetCase):
+    def test_cached_videos_give_the_items_of_decoding_each_time_and_are_decoded_once(self):
+        cases = [dict(mode="pretrain"), dict(mode="train", rand_augment=None, num_sample=2),
+                 dict(mode="test", test_num_segment=2, test_num_crop=2, short_side_size=32)]
+        for case in cases:
+            plain, cached = self.dataset(**case), self.dataset(cache_videos=True, **case)
+            self.assertIsInstance(cached.reader, data.CachedReader)
+            for epoch, index in itertools.product(range(2), range(len(plain))):
+                a, b = plain[(index, epoch)], cached[(index, epoch)]
+                for key in a:
+                    self.assertTrue(torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (case, key))
+        images = [data.ImageDataset(self.list, self.dir, input_size=32, cache_videos=c) for c in (False, True)]
+        for index in range(6):
+            self.assertTrue(torch.equal(images[0][(index, 3)]["image"], images[1][(index, 3)]["image"]))
+        reader, calls = data.CachedReader(), []
+        with mock.patch.object(data, "read_frames", lambda *a, **k: calls.append(a[0]) or
+                               torch.arange(20).view(20, 1, 1, 1).expand(20, 2, 2, 3)):
+            for _ in range(3):
+                clip = reader("v0.mp4", lambda n: [0, n - 1, n + 5])
+        self.assertEqual(calls, ["v0.mp4"])
+        self.assertEqual(clip[:, 0, 0, 0].tolist(), [0, 19, 19])  # past the end: the last frame
+
+
 class TestSyntheticSet(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -2788,6 +2811,68 @@ class TestFinetune(unittest.TestCase):
         one = read_predictions(os.path.join(self.tmp, "one_eval"))
         self.assertEqual([(r["path"], r["prediction"]) for r in two], [(r["path"], r["prediction"]) for r in one])
         self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, two)), 1e-5)
+
+
+class TestPatchSize(unittest.TestCase):
+    """--patch_size in every stage (issue 13): an 8-px pipeline at 32 px (4x4 grid), checkpoints that record it, and
+    one clear error for a teacher or a checkpoint of another patch size."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_patch_")
+        cls.list_path, cls.root = make_data(cls.tmp)
+        cls.common = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
+                      "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0, "--lr": 1e-3,
+                      "--patch_size": 8, "--cache_videos": None}
+        for mode in ("image", "video"):
+            run_stage(pretrain_mae, {**cls.common, "--mode": mode, "--data_path": cls.list_path,
+                                     "--data_root": cls.root, "--output_dir": os.path.join(cls.tmp, mode)})
+        cls.teachers = {"--image_teacher": os.path.join(cls.tmp, "image", "checkpoint-last.pth"),
+                        "--video_teacher": os.path.join(cls.tmp, "video", "checkpoint-last.pth")}
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def distill_options(self, **changes):
+        return {**self.common, **self.teachers, "--decoder_depth": 1, "--teacher_patch_size": 8,
+                "--data_path": self.list_path, "--data_root": self.root,
+                "--output_dir": os.path.join(self.tmp, "student"), **changes}
+
+    def test_an_8_pixel_pipeline_records_its_patch_size(self):
+        for mode in ("image", "video"):
+            self.assertEqual(load(self.teachers[f"--{mode}_teacher"])["args"]["patch_size"], 8)
+        student, printed = run_stage(distill, self.distill_options())
+        self.assertEqual(student.grid, (2, 4, 4))
+        self.assertEqual(tuple(student.patch_embed.proj.weight.shape), (192, 3, 2, 8, 8))
+        path = os.path.join(self.tmp, "student", "checkpoint-last.pth")
+        self.assertEqual(load(path)["args"]["patch_size"], 8)
+        self.assertTrue(math.isfinite(read_log(os.path.join(self.tmp, "student"))[-1]["train_loss"]))
+        train = os.path.join(self.tmp, "ft")
+        os.makedirs(train, exist_ok=True)
+        items = [line.split()[0] for line in open(self.list_path)]
+        for split in ("train", "val"):
+            write_list(os.path.join(train, f"{split}.csv"), [f"{p} {i % 2}" for i, p in enumerate(items)])
+        ft = {**self.common, "--data_path": train, "--data_root": self.root, "--finetune": path, "--eval_freq": 1,
+              "--test_num_segment": 1, "--test_num_crop": 1, "--output_dir": os.path.join(self.tmp, "ft_out")}
+        classifier, printed = run_finetune(ft)
+        self.assertIn("missing 4: fc_norm.* (2), head.* (2)", printed)  # every encoder tensor loaded
+        self.assertEqual(tuple(classifier.patch_embed.proj.weight.shape), (192, 3, 2, 8, 8))
+        self.assertEqual(load(os.path.join(self.tmp, "ft_out", "checkpoint-last.pth"))["args"]["patch_size"], 8)
+        with self.assertRaisesRegex(ValueError, "trained with patch size 8.*--patch_size 8"):
+            run_finetune({**ft, "--patch_size": 16, "--output_dir": os.path.join(self.tmp, "ft16")})
+
+    def test_a_teacher_of_another_patch_size_or_grid_is_one_error(self):
+        with self.assertRaisesRegex(ValueError, "video teacher .* patch size 8.*--patch_size 8"):
+            run_stage(distill, self.distill_options(**{"--patch_size": 16, "--teacher_patch_size": 16,
+                                                       "--image_teacher_loss_weight": 0}))
+        with self.assertRaisesRegex(ValueError, "image teacher .* patch size 8.*--teacher_patch_size 8"):
+            run_stage(distill, self.distill_options(**{"--patch_size": 16, "--teacher_patch_size": 16,
+                                                       "--video_teacher_loss_weight": 0}))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
+            distill.get_args(flags(self.distill_options(**{"--teacher_patch_size": 16})))
+        self.assertIn("must equal the student's (32 px / --patch_size 8)", err.getvalue())
 
 
 # ============================================================================================================== CUDA
