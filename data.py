@@ -13,6 +13,7 @@ import argparse
 import functools
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -184,10 +185,13 @@ def load_video_list(list_path, data_root=""):
 class CachedReader:
     """read_frames, but each video is decoded once, whole, and kept in memory as uint8 (T, H, W, 3): for small sets
     of small videos (the synthetic set's are 0.6 MB decoded), whose decoding would otherwise set the pace of a tiny
-    model. Each DataLoader worker keeps its own copy; persistent workers keep it from epoch to epoch."""
+    model. `paths` are decoded up front by `num_workers` processes, before the DataLoader's workers are forked, so
+    that these share them (copy on write); a file that fails is left out and read (and skipped) as usual."""
 
-    def __init__(self):
-        self.videos = {}
+    def __init__(self, paths=(), num_workers=0):
+        whole = DataLoader(_WholeVideos(sorted(set(paths))), batch_size=None, num_workers=num_workers,
+                           collate_fn=_as_is)
+        self.videos = {path: torch.from_numpy(frames) for path, frames in whole if frames is not None}
 
     def __call__(self, path, indices):
         if path not in self.videos:
@@ -195,6 +199,24 @@ class CachedReader:
         frames = self.videos[path]
         wanted = indices(len(frames)) if callable(indices) else indices
         return frames[[min(int(i), len(frames) - 1) for i in wanted]]  # past the end: the last frame, as read_frames
+
+
+class _WholeVideos(Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unreadable): pickled, not shared
+        try:
+            return self.paths[i], read_frames(self.paths[i], range).numpy()
+        except UNREADABLE:
+            return self.paths[i], None
+
+
+def _as_is(item):
+    return item
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
@@ -234,6 +256,13 @@ def tube_mask(grid, mask_ratio, generator=None):
     spatial = torch.zeros(h * w, dtype=torch.bool)
     spatial[torch.randperm(h * w, generator=generator)[:int(mask_ratio * h * w)]] = True
     return spatial.repeat(t)  # t-major flattening: the spatial pattern once per time step
+
+
+def mask_grid(grid, mask_type):
+    """The grid tube_mask draws on: "tube" the clip's (t, h, w); "random" (official VideoMAE's other choice) one cell
+    per tube, (1, 1, t*h*w), so that int(ratio * t*h*w) tubes are hidden anywhere in space and time."""
+    assert mask_type in ("tube", "random"), mask_type
+    return grid if mask_type == "tube" else (1, 1, math.prod(grid))
 
 
 def random_mask(num_patches, mask_ratio, generator=None):
@@ -303,8 +332,8 @@ class SeededDataset(Dataset):
         self.items, self.seed, self.bad = items, seed, set()
         self.max_bad = max(10, len(items) // 100) if max_bad_videos is None else max_bad_videos
         self.bad_file = os.path.join(output_dir, "bad_videos.txt") if output_dir else None
-        # the benchmark swaps in read_frames(..., decode_all=True)
-        self.reader = CachedReader() if cache_videos else read_frames
+        # the benchmark swaps in read_frames(..., decode_all=True); cache_videos decodes every file once, up front
+        self.reader = CachedReader([p for p, _ in items], min(4, os.cpu_count())) if cache_videos else read_frames
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
@@ -347,7 +376,7 @@ class VideoDataset(SeededDataset):
     """Clips of the videos of a list file, for pretraining, fine-tuning ("train") or multi-view testing ("test")."""
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
-                 input_size=224, teacher_input_size=None, mask_ratio=0.9, tubelet_size=2, patch_size=16,
+                 input_size=224, teacher_input_size=None, mask_ratio=0.9, mask_type="tube", tubelet_size=2, patch_size=16,
                  num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, crop_scale=0.08, test_num_segment=5,
                  test_num_crop=3, short_side_size=224, seed=0, output_dir=None, max_bad_videos=None,
                  cache_videos=False):
@@ -357,6 +386,7 @@ class VideoDataset(SeededDataset):
         self.input_size, self.mask_ratio, self.num_sample = input_size, mask_ratio, num_sample
         self.teacher_input_size = teacher_input_size if teacher_input_size not in (None, input_size) else None
         self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
+        self.mask_grid = mask_grid(self.grid, mask_type)
         self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
         self.short_side_size = short_side_size
         self.augment = (finetune_augmentation(input_size, flip, rand_augment, erase_prob, crop_scale)
@@ -383,7 +413,7 @@ class VideoDataset(SeededDataset):
         top, left, height, width = multi_scale_crop_box(*frames.shape[-2:], self.input_size)
         crop = functools.partial(v2.functional.resized_crop, frames, top, left, height, width, antialias=True)
         sample = {"video": normalize(crop([self.input_size] * 2)),  # (3, T, S, S)
-                  "mask": tube_mask(self.grid, self.mask_ratio), "index": index}
+                  "mask": tube_mask(self.mask_grid, self.mask_ratio), "index": index}
         if self.teacher_input_size:  # the same region for a teacher with another input size
             sample["teacher_video"] = normalize(crop([self.teacher_input_size] * 2))
         return sample

@@ -843,8 +843,10 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
-    begin = last_save = time.time()
+    begin = last_save = ready = time.time()
+    waited = 0.0  # seconds spent waiting for the loader: an epoch at the model's pace waits little
     for i, batch in enumerate(itertools.islice(loader, micro_batches - first), start=first):
+        waited += time.time() - ready
         step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
         if i % args.update_freq == 0:
             torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
@@ -889,6 +891,10 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
             print(f"epoch {epoch} step {i + 1}/{micro_batches} "
                   + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                   + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} eta {eta:.0f}s", flush=True)
+        ready = time.time()
+    if env.is_main:
+        print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
+              "waiting for data", flush=True)
     return {k: v / max(1, count) for k, v in sums.items()}
 
 

@@ -30,6 +30,9 @@ def get_args(argv=None):
     p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
     p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
+    p.add_argument("--mask_type", choices=["tube", "random"], default="tube",
+                   help="video: hide the same cells at every time step (official) or tubes anywhere in space and time, "
+                        "so that a hidden tube must be predicted from the same place at other times (motion)")
     p.add_argument("--decoder_depth", type=int, help="pixel decoder blocks (default: MAE 8; VideoMAE 4, 12 for L/H)")
     p.add_argument("--decoder_dim", type=int, help="pixel decoder width (default: MAE 512; VideoMAE by size)")
     p.add_argument("--normlize_target", action=argparse.BooleanOptionalAction, default=True,
@@ -81,7 +84,7 @@ def main(args):
                   output_dir=args.output_dir, max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     if video:
         dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
-                                    sampling_rate=args.sampling_rate, **common)
+                                    sampling_rate=args.sampling_rate, mask_type=args.mask_type, **common)
     else:
         dataset = data.ImageDataset(args.data_path, args.data_root, **common)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
@@ -128,7 +131,7 @@ def visualize(args, env, model, checkpoint):
         generator = torch.Generator().manual_seed(args.seed + i)  # a fixed mask per video
         if video:  # one tube mask, the same cells hidden at every time step; VideoMAE predicts the masked tubes
             shown, tubelet, grid = clip[None], 2, model.encoder.grid  # (1, 3, T, S, S)
-            mask = data.tube_mask(grid, args.mask_ratio, generator)[None].to(env.device)  # (1, N)
+            mask = data.tube_mask(data.mask_grid(grid, args.mask_type), args.mask_ratio, generator)[None].to(env.device)
             loss, pred = model.eval()(shown, mask)  # pred (1, N_mask, 2*p*p*3)
         else:  # the image MAE on frames 0, 2, 4, ... (those it teaches from), each with its own random mask
             shown, tubelet, grid = clip[None, :, ::2], 1, (args.num_frames // 2, *model.grid)  # (1, 3, T/2, S, S)
@@ -163,10 +166,8 @@ def bench(args, env, model):
     B, S, grid = args.batch_size, args.input_size, (args.num_frames // 2, args.input_size // args.patch_size)
     if args.mode == "video":
         inputs = torch.randn(B, 3, args.num_frames, S, S, device=env.device)
-        visible = torch.randperm(grid[1] ** 2)[: grid[1] ** 2 - int(args.mask_ratio * grid[1] ** 2)]
-        mask = torch.ones(grid[1] ** 2, dtype=torch.bool)
-        mask[visible] = False
-        kwargs = dict(mask=mask.repeat(grid[0])[None].expand(B, -1).to(env.device))
+        mask = data.tube_mask(data.mask_grid((grid[0], grid[1], grid[1]), args.mask_type), args.mask_ratio)
+        kwargs = dict(mask=mask[None].expand(B, -1).to(env.device))
     else:
         inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
 

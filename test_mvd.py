@@ -3,6 +3,7 @@ only. Tests make their own videos (PyAV writes real files) and their own checkpo
 check numbers against independent computations. The run ends with one line `N passed, N failed`."""
 import contextlib
 import csv
+import importlib.util
 import io
 import itertools
 import json
@@ -19,6 +20,7 @@ import threading
 import unittest
 import warnings
 from types import SimpleNamespace
+from xml.etree import ElementTree
 from unittest import mock
 
 import numpy as np
@@ -1191,6 +1193,15 @@ class TestMasks(unittest.TestCase):
             mask = data.random_mask(num_patches, ratio)
             self.assertEqual(int((~mask).sum()), int(num_patches * (1 - ratio)))
 
+    def test_video_random_mask_hides_tubes_anywhere_in_space_and_time(self):
+        grid = (4, 4, 4)
+        self.assertEqual(data.mask_grid(grid, "tube"), grid)
+        masks = torch.stack([data.tube_mask(data.mask_grid(grid, "random"), 0.9) for _ in range(200)])  # (200, 64)
+        self.assertTrue((masks.sum(1) == int(0.9 * 64)).all())  # official VideoMAE: int(ratio * tubes) hidden
+        per_step = masks.view(200, 4, 16)
+        self.assertGreater(int((per_step != per_step[:, :1]).any(2).any(1).sum()), 190)  # time steps differ
+        self.assertLess((masks.float().mean(0) - 57 / 64).abs().max().item(), 0.12)  # every tube as likely
+
 
 class DatasetCase(unittest.TestCase):
     """Six small videos of smooth texture and a list of them."""
@@ -1472,6 +1483,19 @@ class TestCachedReader(DatasetCase):
         images = [data.ImageDataset(self.list, self.dir, input_size=32, cache_videos=c) for c in (False, True)]
         for index in range(6):
             self.assertTrue(torch.equal(images[0][(index, 3)]["image"], images[1][(index, 3)]["image"]))
+        for name, content in (("broken.mp4", b"not a video"), ("empty.mp4", b"")):  # skipped and listed as usual
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(content)
+        lst = write_list(os.path.join(self.dir, "with_bad.csv"), ["v0.mp4 0", "broken.mp4 1", "empty.mp4 2"])
+        with tempfile.TemporaryDirectory() as out:
+            dataset = data.VideoDataset(lst, self.dir, num_frames=4, sampling_rate=2, input_size=32, output_dir=out,
+                                        cache_videos=True)
+            self.assertEqual(list(dataset.reader.videos), [os.path.join(self.dir, "v0.mp4")])
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual([dataset[(i, 0)]["index"] for i in range(3)], [0, 0, 0])
+            with open(os.path.join(out, "bad_videos.txt")) as f:
+                self.assertEqual(sorted(f.read().split()), [os.path.join(self.dir, n) for n in ("broken.mp4",
+                                                                                                "empty.mp4")])
         reader, calls = data.CachedReader(), []
         with mock.patch.object(data, "read_frames", lambda *a, **k: calls.append(a[0]) or
                                torch.arange(20).view(20, 1, 1, 1).expand(20, 2, 2, 3)):
@@ -2824,8 +2848,8 @@ class TestPatchSize(unittest.TestCase):
         cls.common = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
                       "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0, "--lr": 1e-3,
                       "--patch_size": 8, "--cache_videos": None}
-        for mode in ("image", "video"):
-            run_stage(pretrain_mae, {**cls.common, "--mode": mode, "--data_path": cls.list_path,
+        for mode in ("image", "video"):  # the video teacher hides tubes anywhere (--mask_type random)
+            run_stage(pretrain_mae, {**cls.common, "--mode": mode, "--mask_type": "random", "--data_path": cls.list_path,
                                      "--data_root": cls.root, "--output_dir": os.path.join(cls.tmp, mode)})
         cls.teachers = {"--image_teacher": os.path.join(cls.tmp, "image", "checkpoint-last.pth"),
                         "--video_teacher": os.path.join(cls.tmp, "video", "checkpoint-last.pth")}
@@ -2842,6 +2866,7 @@ class TestPatchSize(unittest.TestCase):
     def test_an_8_pixel_pipeline_records_its_patch_size(self):
         for mode in ("image", "video"):
             self.assertEqual(load(self.teachers[f"--{mode}_teacher"])["args"]["patch_size"], 8)
+        self.assertEqual(load(self.teachers["--video_teacher"])["args"]["mask_type"], "random")
         student, printed = run_stage(distill, self.distill_options())
         self.assertEqual(student.grid, (2, 4, 4))
         self.assertEqual(tuple(student.patch_embed.proj.weight.shape), (192, 3, 2, 8, 8))
@@ -2873,6 +2898,76 @@ class TestPatchSize(unittest.TestCase):
         with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
             distill.get_args(flags(self.distill_options(**{"--teacher_patch_size": 16})))
         self.assertIn("must equal the student's (32 px / --patch_size 8)", err.getvalue())
+
+
+# ======================================================================================================== experiments
+def load_report():
+    """experiments/report.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+class TestCoteachingReport(unittest.TestCase):
+    """experiments/report.py on made-up runs: the table's numbers against numpy, the claims, a well-formed SVG."""
+
+    def write_runs(self, root, scores):
+        """scores {run name: [top-1 of seed 0, seed 1, ...]}; students get decreasing distillation losses."""
+        for seed in range(len(next(iter(scores.values())))):
+            for name, values in scores.items():
+                folder = os.path.join(root, f"seed{seed}", name)
+                os.makedirs(folder, exist_ok=True)
+                lines = [{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 0.5, "test_top1": values[seed]}]
+                if name.startswith("student_"):
+                    lines = [{"epoch": e, "train_loss_img": 1 / (e + 1), "train_loss_vid": 2 / (e + 1 + seed)}
+                             for e in range(6)]
+                with open(os.path.join(folder, "log.txt"), "w") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in lines)
+
+    def test_table_claims_and_figure(self):
+        report = load_report()
+        scores = {f"student_{s}": [0, 0, 0] for s in ("image", "video", "both")}
+        finetuned = {("appearance", "scratch"): [25, 27, 26], ("appearance", "video_mae"): [30, 31, 35],
+                     ("appearance", "image"): [50, 55, 53], ("appearance", "video"): [40, 38, 41],
+                     ("appearance", "both"): [49, 52, 54], ("motion", "scratch"): [24, 26, 25],
+                     ("motion", "video_mae"): [60, 64, 61], ("motion", "image"): [35, 30, 33],
+                     ("motion", "video"): [62, 58, 66], ("motion", "both"): [44, 46, 45]}
+        scores.update({f"finetune_{task}_{key}": v for (task, key), v in finetuned.items()})
+        scores["finetune_motion_one_frame"] = [26, 24, 25.5]
+        with tempfile.TemporaryDirectory() as root:
+            self.write_runs(root, scores)
+            runs = sorted(os.path.join(root, f"seed{i}") for i in range(3))
+            rows = report.table(runs).splitlines()
+            self.assertEqual(len(rows), 2 + len(report.ENCODERS) + 1)
+            for row, key in zip(rows[2:], report.ENCODERS):
+                for cell, task in zip(row.split(" | ")[1:], report.TASKS):
+                    v = np.array(finetuned[task, key], dtype=float)
+                    self.assertEqual(cell.strip(" |"), f"{v.mean():.1f} ± {v.std(ddof=1):.1f}")
+            self.assertIn(f"{np.mean([26, 24, 25.5]):.1f} ± {np.std([26, 24, 25.5], ddof=1):.1f}", rows[-1])
+            held = dict(report.claims(runs))
+            self.assertTrue(held["motion: the video teacher itself beats random init by more than a std"])
+            self.assertTrue(held["motion: one frame repeated stays within 5 points of chance (the image side "
+                                 "cannot see motion)"])
+            self.assertTrue(held["motion: the student of the video teacher beats the image teacher's by more "
+                                 "than the larger std"])
+            self.assertTrue(held["appearance: the student of the image teacher beats the video teacher's by more "
+                                 "than the larger std"])
+            self.assertTrue(held["appearance: co-teaching within a std of the better single teacher, or above it"])
+            self.assertFalse(held["motion: co-teaching within a std of the better single teacher, or above it"])
+            self.assertEqual(sum(held.values()), len(held) - 1)
+            svg = os.path.join(root, "figure.svg")
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                report.main([root, "--svg", svg])
+            self.assertIn("- [ ] motion: co-teaching", printed.getvalue())
+            tree = ElementTree.parse(svg)  # well-formed XML
+            ns = "{http://www.w3.org/2000/svg}"
+            bars = [r for r in tree.iter(ns + "rect") if r.get("width") == "22"]
+            self.assertEqual(len(bars), 2 * len(report.ENCODERS) + 1)
+            self.assertEqual(len(list(tree.iter(ns + "polyline"))), 4)  # image, video, both x 2
+            with self.assertRaises(SystemExit):
+                report.main([os.path.join(root, "nothing")])
 
 
 # ============================================================================================================== CUDA
