@@ -129,7 +129,7 @@ def visualize(args, env, model, checkpoint):
     video, p, pictures = args.mode == "video", args.patch_size, []
     for i, clip in enumerate(clips.to(env.device)):
         generator = torch.Generator().manual_seed(args.seed + i)  # a fixed mask per video
-        if video:  # one tube mask, the same cells hidden at every time step; VideoMAE predicts the masked tubes
+        if video:  # one mask of --mask_type over the tubes; VideoMAE predicts the masked tubes
             shown, tubelet, grid = clip[None], 2, model.encoder.grid  # (1, 3, T, S, S)
             mask = data.tube_mask(data.mask_grid(grid, args.mask_type), args.mask_ratio, generator)[None].to(env.device)
             loss, pred = model.eval()(shown, mask)  # pred (1, N_mask, 2*p*p*3)
@@ -152,7 +152,8 @@ def visualize(args, env, model, checkpoint):
         frames = to_pixels(shown)  # (1, 3, T or T/2, S, S)
         hidden = unpatchify(mask[..., None].repeat(1, 1, tubelet * p * p), grid, p, tubelet)  # (1, 1, ...) True: masked
         panels = [frames, torch.where(hidden, 0.5, frames), reconstruction if video else to_pixels(reconstruction)]
-        what = "TUBES (THE SAME CELLS AT EVERY STEP)" if video else "PATCHES (AT RANDOM IN EACH FRAME)"
+        what = ("PATCHES (AT RANDOM IN EACH FRAME)" if not video else "TUBES (THE SAME CELLS AT EVERY STEP)"
+                if args.mask_type == "tube" else "TUBES (ANYWHERE IN SPACE AND TIME)")
         labels = [f"{args.mode} MAE ON {os.path.basename(paths[i])}: EVERY 2ND FRAME",
                   f"MASKED: {int(mask.sum())} OF {mask.shape[1]} {what}",
                   f"RECONSTRUCTED, VISIBLE PATCHES KEPT (LOSS {loss.item():.3f})"]

@@ -2968,6 +2968,12 @@ class TestCoteachingReport(unittest.TestCase):
             self.assertEqual(len(list(tree.iter(ns + "polyline"))), 4)  # image, video, both x 2
             with self.assertRaises(SystemExit):
                 report.main([os.path.join(root, "nothing")])
+            os.makedirs(os.path.join(root, "seed3", "student_both"))  # a seed still running is left out
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                report.main([root, "--svg", svg])
+            self.assertIn("left out: " + os.path.join(root, "seed3"), printed.getvalue())
+            self.assertIn("(3 seeds,", printed.getvalue())
 
 
 # ============================================================================================================== CUDA

@@ -136,9 +136,13 @@ def main(argv=None):
     p.add_argument("root", nargs="?", default="output/coteaching", help="the folder holding seed0, seed1, ...")
     p.add_argument("--svg", default="mvd_coteaching.svg", help="where the figure is written")
     args = p.parse_args(argv)
-    runs = sorted(glob.glob(os.path.join(args.root, "seed*")))
+    names = [f"finetune_{task}_{key}" for task in TASKS for key in ENCODERS] + ["finetune_motion_one_frame"]
+    found = sorted(glob.glob(os.path.join(args.root, "seed*")))
+    runs = [run for run in found if all(os.path.exists(os.path.join(run, n, "log.txt")) for n in names)]
     if not runs:
-        raise SystemExit(f"report.py: error: no seed* folders in {args.root}: run experiments/coteaching.sh first")
+        raise SystemExit(f"report.py: error: no finished seed* folder in {args.root}: run experiments/coteaching.sh")
+    if len(runs) < len(found):
+        print(f"not finished yet, left out: {', '.join(sorted(set(found) - set(runs)))}\n")
     print(table(runs) + "\n")
     for statement, holds in claims(runs):
         print(f"- [{'x' if holds else ' '}] {statement}")
