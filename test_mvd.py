@@ -2976,6 +2976,41 @@ class TestCoteachingReport(unittest.TestCase):
             self.assertIn("(3 seeds,", printed.getvalue())
 
 
+class TestCoteachingScript(unittest.TestCase):
+    def test_every_command_parses_and_the_budgets_are_equal(self):
+        """experiments/coteaching.sh run with a `python` that only records its arguments: every stage command parses
+        with that stage's own flags, the students share one budget, and so do all fine-tunings."""
+        with tempfile.TemporaryDirectory() as tmp:
+            record = os.path.join(tmp, "commands.txt")
+            fake = os.path.join(tmp, "python")
+            with open(fake, "w") as f:
+                f.write(f'#!/bin/sh\nprintf "%s\\t" "$@" >> {record}\necho >> {record}\n')
+            os.chmod(fake, 0o755)
+            env = {**os.environ, "PATH": tmp + os.pathsep + os.environ["PATH"],
+                   "COTEACHING_ROOT": os.path.join(tmp, "out")}
+            subprocess.run(["bash", os.path.join(HERE, "experiments", "coteaching.sh"), "7"], env=env, check=True)
+            with open(record) as f:
+                commands = [line.rstrip("\n").rstrip("\t").split("\t") for line in f if line.strip()]
+        scripts = [c[0] for c in commands]
+        self.assertEqual(scripts, ["data.py"] + ["pretrain_mae.py"] * 2 + ["distill.py"] * 3 + ["finetune.py"] * 11)
+        parsed = {"pretrain_mae.py": [], "distill.py": [], "finetune.py": []}
+        for script, *argv in commands[1:]:
+            stage = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}[script]
+            with contextlib.redirect_stdout(io.StringIO()):
+                parsed[script].append(vars(stage.get_args(argv)))
+        self.assertIn("seed7", commands[0][commands[0].index("--synthetic") + 1])
+        budget = ("epochs", "batch_size", "lr", "warmup_epochs", "num_frames", "input_size", "patch_size", "model",
+                  "depth")
+        for runs in (parsed["distill.py"], parsed["finetune.py"]):
+            for run in runs:
+                self.assertEqual({k: run[k] for k in budget}, {k: runs[0][k] for k in budget})
+                self.assertEqual(run["seed"], 7)
+        weights = [(r["image_teacher_loss_weight"], r["video_teacher_loss_weight"]) for r in parsed["distill.py"]]
+        self.assertEqual(weights, [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+        self.assertEqual([r["mode"] for r in parsed["pretrain_mae.py"]], ["image", "video"])
+        self.assertEqual(sorted(r["sampling_rate"] for r in parsed["finetune.py"])[0], 0)  # the one-frame baseline
+
+
 # ============================================================================================================== CUDA
 @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device: these run where torch.cuda.is_available() "
                                                 "(python test_mvd.py TestCuda)")
