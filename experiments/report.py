@@ -113,10 +113,12 @@ def figure(runs):
     y = lambda v: 290 - 230 * v / high  # noqa: E731
     axes(470, 890, [(v, f"{v}%") for v in range(0, high + 1, high // 5)], y, "held-out top-1, fine-tuned, seed "
          "mean ± std (dashed: chance)")
-    for i, key in enumerate(COLOURS):
-        svg.append(f'<rect x="{480 + 70 * i}" y="29" width="10" height="10" fill="{COLOURS[key]}" stroke="#333"/>')
-        text(494 + 70 * i, 38, {"scratch": "random", "video_mae": "VideoMAE", "one_frame": "1 frame"}.get(key, key),
-             "start")
+    left = 480
+    for key in COLOURS:  # each label as wide as its text (~7 px a letter)
+        name = {"scratch": "random", "video_mae": "VideoMAE", "one_frame": "1 frame"}.get(key, key)
+        svg.append(f'<rect x="{left}" y="29" width="10" height="10" fill="{COLOURS[key]}" stroke="#333"/>')
+        text(left + 14, 38, name, "start")
+        left += 28 + 7 * len(name)
     svg.append(f'<path d="M470,{y(CHANCE)} H890" stroke="#c00" stroke-dasharray="3,3"/>')
     left = 490
     for task, members in groups:
