@@ -140,7 +140,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     names = [f"finetune_{task}_{key}" for task in TASKS for key in ENCODERS] + ["finetune_motion_one_frame"]
     found = sorted(glob.glob(os.path.join(args.root, "seed*")))
-    runs = [run for run in found if all(os.path.exists(os.path.join(run, n, "log.txt")) for n in names)]
+    def finished(run, name):  # a fine-tuning's log ends with its final evaluation
+        path = os.path.join(run, name, "log.txt")
+        return os.path.exists(path) and "test_top1" in read_log(path)[-1]
+
+    runs = [run for run in found if all(finished(run, name) for name in names)]
     if not runs:
         raise SystemExit(f"report.py: error: no finished seed* folder in {args.root}: run experiments/coteaching.sh")
     if len(runs) < len(found):
