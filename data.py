@@ -529,28 +529,33 @@ MOTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # m
 
 
 def render_video(rng, height, width, num_frames, appearance, motion, background_step=(0, 0), noise=0.0):
-    """uint8 (T, H, W, 3): an object textured by `appearance` (0-3) moving by `motion` (0-3) over a textured background.
+    """uint8 (T, H, W, 3): an object textured by `appearance` (0-3) moving by `motion` (0-3) over a smooth background.
 
     Everything lives on a torus: the object starts at a uniformly random position and wraps around at one speed,
     so any single frame has the same distribution whatever the motion; only frame-to-frame change reveals it.
-    Sizes are chosen so that a small ViT learns both tasks from scratch in about a thousand steps (a third of the
-    frame, stripes a tenth of it, a low-contrast background); with smaller, finer objects it stayed at chance.
+    The object is a third of the frame, its stripes a tenth, and it stands out from a dim, low-contrast
+    background (lighter or darker, at random): with random stripe colours (version 2 of the set) the stripes
+    dominated the pixels, and masked reconstruction learnt the clip's mean colour rather than the motion.
     """
     texture, scale = appearance, min(height, width) / 64
     y, x = np.mgrid[:height, :width] - np.array([height // 2, width // 2])[:, None, None]
-    # background: two random colours 64 apart blended by smooth noise (random low-res field, bicubic upsampled)
+    # background: smooth noise (random low-res field, bicubic upsampled) blending two colours 40 apart
     field = F.interpolate(torch.from_numpy(rng.random((1, 1, height // 8 + 2, width // 8 + 2))),
                           size=(height, width), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
-    colours = rng.integers(64, 192, 3) + np.array([[-32], [32]])
+    dark_object = rng.random() < 0.5
+    background_base = rng.integers(166, 216, 3) if dark_object else rng.integers(40, 90, 3)
+    colours = background_base + np.array([[-20], [20]])
     background = field[..., None] * colours[0] + (1 - field[..., None]) * colours[1]
-    # object: disk or square of equal area, striped or checkered with a random period, phase and two colours
+    # object: disk or square of equal area, striped or checkered with a random period and phase, its two
+    # colours 100 apart around a base far from the background's
     radius = min(height, width) * rng.uniform(0.28, 0.36)
     is_disk = rng.random() < 0.5  # disk or square, drawn at random: a nuisance, not a label
     inside = (x ** 2 + y ** 2 <= radius ** 2) if is_disk else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
     period, phase = max(3, round(rng.integers(6, 9) * scale)), rng.integers(0, 9)
     bits = [(y + phase) // period, (x + phase) // period, (x + y + phase) // period,
             (y + phase) // period + (x + phase) // period][texture]
-    colours = rng.integers(0, 256, (2, 3))
+    object_base = rng.integers(25, 85, 3) if dark_object else rng.integers(170, 230, 3)
+    colours = object_base + np.array([[-50], [50]])
     pattern = np.where((bits % 2 == 0)[..., None], colours[0], colours[1])
     start = rng.integers(0, [height, width])
     step, speed = np.array(list(MOTIONS.values())[motion]), max(1, round(min(height, width) / 32))
@@ -569,7 +574,7 @@ def render_video(rng, height, width, num_frames, appearance, motion, background_
 def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, seed=0, val_fraction=0.25):
     """Write H.264 videos under root/videos and the lists root/all.csv, root/{appearance,motion}/{train,val}.csv
     (paths relative to root: use data_root=root). Reuses a complete set made with the same parameters."""
-    params = dict(version=2, num_videos=num_videos, num_frames=num_frames, size=size, fps=fps, seed=seed,
+    params = dict(version=3, num_videos=num_videos, num_frames=num_frames, size=size, fps=fps, seed=seed,
                   val_fraction=val_fraction)
     paths = {"root": root, "all": os.path.join(root, "all.csv"),
              **{f"{task}_{split}": os.path.join(root, task, f"{split}.csv")

@@ -88,7 +88,8 @@ def build_teacher(kind, args, device, dtype):
     if kind == "image":
         teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
     else:
-        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
+        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth,
+                           pos=saved.get("pos_embed", "1d"))  # the table it was trained with: official VideoMAE's 1d
     if path:
         print(f"{kind} teacher {size} from {path}")
         load_checkpoint(teacher, path)

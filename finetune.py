@@ -96,11 +96,12 @@ def get_args(argv=None):
     return args
 
 
-def load_pretrained(model, path):
+def load_pretrained(model, path, pos_embed="3d"):
     """Weights of any checkpoint layout (model.load_checkpoint), after dropping a classifier head whose class count
     differs from the model's, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
     state = read_checkpoint(path)
-    patch = state.get("args", {}).get("patch_size", model.patch_size)  # our checkpoints record their patch size
+    saved_args = state.get("args", {})  # our checkpoints record their patch size and VideoMAE its position table
+    patch = saved_args.get("patch_size", model.patch_size)
     if patch != model.patch_size:
         raise ValueError(f"{path} was trained with patch size {patch}, this run has {model.patch_size}: pass "
                          f"--patch_size {patch}")
@@ -113,8 +114,10 @@ def load_pretrained(model, path):
         if name in ("head.weight", "head.bias") and name in own and state[key].shape != own[name].shape:
             print(f"dropping the checkpoint's {name} {tuple(state.pop(key).shape)}: this run has "
                   f"{own[name].shape[0]} classes, the head starts fresh")
-    if any(key.startswith("encoder.") for key in state):
-        print("note: encoder.* keys, a VideoMAE checkpoint: it learnt the 1d position table (--pos_embed 1d)")
+    learnt_pos = saved_args.get("pos_embed", "1d")  # official VideoMAE checkpoints: the 1d table
+    if any(key.startswith("encoder.") for key in state) and learnt_pos != pos_embed:
+        raise ValueError(f"{path} is a VideoMAE checkpoint trained with the {learnt_pos} position table, this run "
+                         f"has {pos_embed}: pass --pos_embed {learnt_pos}")
     print(f"weights from {path}:", end=" ")
     return load_checkpoint(model, state)
 
@@ -227,13 +230,13 @@ def main(args):
     if args.bench:
         return bench(args, env, raw, loss_fn, nb_classes)
     if weights_only:
-        missing, _ = load_pretrained(raw, args.finetune or run_state)
+        missing, _ = load_pretrained(raw, args.finetune or run_state, args.pos_embed)
         if args.eval and any(key.startswith("head.") for key in missing):
             print("WARNING: the checkpoint has no head for these classes: this evaluates a random head")
     elif args.finetune and run_state:
         print(f"resuming this run from {run_state}: --finetune {args.finetune} is not read")
     elif args.finetune:
-        load_pretrained(raw, args.finetune)
+        load_pretrained(raw, args.finetune, args.pos_embed)
     else:
         print("no --finetune: training from a random initialisation (a baseline; the student is "
               "--finetune output/distill/checkpoint-last.pth)")

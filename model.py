@@ -497,10 +497,10 @@ class VideoMAE(nn.Module):
 
     def __init__(self, size="vit_base", num_frames=16, img_size=224, patch_size=16, tubelet_size=2, decoder_dim=None,
                  decoder_depth=None, decoder_heads=None, drop_path=0.0, use_checkpoint=False, normalize_target=True,
-                 **overrides):
+                 pos="1d", **overrides):
         super().__init__()
         self.normalize_target = normalize_target
-        self.encoder = Encoder(size, img_size, patch_size, num_frames, tubelet_size, pos="1d", persistent_pos=False,
+        self.encoder = Encoder(size, img_size, patch_size, num_frames, tubelet_size, pos=pos, persistent_pos=False,
                                drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
         dd, depth, heads = VIDEOMAE_DECODER[size]
         dd, depth, heads = decoder_dim or dd, depth if decoder_depth is None else decoder_depth, decoder_heads or heads
@@ -509,7 +509,8 @@ class VideoMAE(nn.Module):
             return
         self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.register_buffer("pos_embed", sinusoid_1d(dd, math.prod(self.encoder.grid))[None], persistent=False)
+        table = sinusoid_1d(dd, math.prod(self.encoder.grid)) if pos == "1d" else sincos_3d(dd, *self.encoder.grid)
+        self.register_buffer("pos_embed", table[None], persistent=False)
         self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
         init_weights(self)
 

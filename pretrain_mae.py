@@ -33,6 +33,9 @@ def get_args(argv=None):
     p.add_argument("--mask_type", choices=["tube", "random"], default="tube",
                    help="video: hide the same cells at every time step (official) or tubes anywhere in space and time, "
                         "so that a hidden tube must be predicted from the same place at other times (motion)")
+    p.add_argument("--pos_embed", choices=["1d", "3d"], default="1d",
+                   help="video: position table, VideoMAE's 1d over the flat token index (official), or the student's 3d "
+                        "(time, row, column), with which a small model finds a tube's place at other times sooner")
     p.add_argument("--decoder_depth", type=int, help="pixel decoder blocks (default: MAE 8; VideoMAE 4, 12 for L/H)")
     p.add_argument("--decoder_dim", type=int, help="pixel decoder width (default: MAE 512; VideoMAE by size)")
     p.add_argument("--normlize_target", action=argparse.BooleanOptionalAction, default=True,
@@ -63,7 +66,7 @@ def main(args):
     if video:
         raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
                        decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,
-                       normalize_target=args.normlize_target, use_checkpoint=args.use_checkpoint)
+                       normalize_target=args.normlize_target, use_checkpoint=args.use_checkpoint, pos=args.pos_embed)
     else:
         raw = ImageMAE(args.model, args.input_size, args.patch_size, decoder_dim=args.decoder_dim or 512,
                        decoder_depth=8 if args.decoder_depth is None else args.decoder_depth,
