@@ -3012,7 +3012,8 @@ class TestCoteachingReport(unittest.TestCase):
 class TestCoteachingScript(unittest.TestCase):
     def test_every_command_parses_and_the_budgets_are_equal(self):
         """experiments/coteaching.sh run with a `python` that only records its arguments: every stage command parses
-        with that stage's own flags, the students share one budget, and so do all fine-tunings."""
+        with that stage's own flags, the students share one budget, and so do all fine-tunings of one task (the
+        one-frame baseline has motion's); the VideoMAE uses the 3d table and is fine-tuned with it."""
         with tempfile.TemporaryDirectory() as tmp:
             record = os.path.join(tmp, "commands.txt")
             fake = os.path.join(tmp, "python")
@@ -3034,14 +3035,21 @@ class TestCoteachingScript(unittest.TestCase):
         self.assertIn("seed7", commands[0][commands[0].index("--synthetic") + 1])
         budget = ("epochs", "batch_size", "lr", "warmup_epochs", "num_frames", "input_size", "patch_size", "model",
                   "depth")
-        for runs in (parsed["distill.py"], parsed["finetune.py"]):
+        by_task = {task: [r for r in parsed["finetune.py"] if r["data_path"].endswith(task)]
+                   for task in ("appearance", "motion")}
+        self.assertEqual([len(runs) for runs in by_task.values()], [5, 6])
+        self.assertNotEqual(by_task["appearance"][0]["epochs"], by_task["motion"][0]["epochs"])
+        for runs in (parsed["distill.py"], by_task["appearance"], by_task["motion"]):
             for run in runs:
                 self.assertEqual({k: run[k] for k in budget}, {k: runs[0][k] for k in budget})
                 self.assertEqual(run["seed"], 7)
         weights = [(r["image_teacher_loss_weight"], r["video_teacher_loss_weight"]) for r in parsed["distill.py"]]
         self.assertEqual(weights, [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
         self.assertEqual([r["mode"] for r in parsed["pretrain_mae.py"]], ["image", "video"])
-        self.assertEqual(sorted(r["sampling_rate"] for r in parsed["finetune.py"])[0], 0)  # the one-frame baseline
+        self.assertEqual(parsed["pretrain_mae.py"][1]["pos_embed"], "3d")
+        from_videomae = [r for r in parsed["finetune.py"] if (r["finetune"] or "").endswith("video_mae/checkpoint-last.pth")]
+        self.assertEqual([r["pos_embed"] for r in from_videomae], ["3d", "3d"])
+        self.assertEqual(by_task["motion"][-1]["sampling_rate"], 0)  # the one-frame baseline
 
 
 # ============================================================================================================== CUDA
