@@ -21,7 +21,9 @@ for seed in "${seeds[@]}"; do
     python data.py --synthetic $syn --synthetic_seed $seed --synthetic_videos 2000 --synthetic_val 0.2
     # Every model: a ViT-Tiny cut to 4 blocks, 8 frames of 64 px, patch 16 (a 4x4 grid, 64 tubes a clip)
     size="--model vit_tiny --depth 4 --input_size 64 --num_frames 8 --sampling_rate 2 --patch_size 16 --seed $seed"
-    common="$size --data_root $syn --cache_videos --log_every 1000"
+    # --cache_videos decodes each list once, up front; the clips are then cheap enough (0.3-1 ms) to prepare in the
+    # training process itself: loader workers on the same two cores slowed the model's steps more than they saved
+    common="$size --data_root $syn --cache_videos --num_workers 0 --log_every 1000"
     teacher="$common --data_path $syn/appearance/train.csv --decoder_depth 2 --warmup_epochs 2"
     python pretrain_mae.py --mode image $teacher --batch_size 32 --epochs 20 --lr 1e-3 --decoder_dim 128 \
         --output_dir $out/image_mae
