@@ -16,8 +16,8 @@ import torch
 
 import data
 from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
-                   load_checkpoint, param_groups, patchify, resume, save_training_state, setup_distributed,
-                   to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
+                   load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
+                   setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -62,7 +62,14 @@ def main(args):
     checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before anything is built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     video = args.mode == "video"
-    # 2. Model
+    # 2. Model (a VideoMAE keeps the position table it was trained with: resuming or showing it with another is an error)
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    previous = checkpoint or args.resume or (last if args.auto_resume else None)
+    if video and previous and os.path.exists(previous):
+        saved = read_checkpoint(previous).get("args", {})
+        learnt = (vars(saved) if isinstance(saved, argparse.Namespace) else saved).get("pos_embed", "1d")
+        if learnt != args.pos_embed:
+            raise ValueError(f"{previous} was trained with --pos_embed {learnt}: pass --pos_embed {learnt}")
     if video:
         raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
                        decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,

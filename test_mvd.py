@@ -2895,6 +2895,13 @@ class TestPatchSize(unittest.TestCase):
     def test_a_videomae_with_the_3d_table_keeps_it_in_every_stage(self):
         path = self.teachers["--video_teacher"]
         self.assertEqual(load(path)["args"]["pos_embed"], "3d")
+        video = {**self.common, "--mode": "video", "--mask_type": "random", "--data_path": self.list_path,
+                 "--data_root": self.root, "--output_dir": os.path.join(self.tmp, "video")}
+        for extra in ({"--epochs": 2}, {"--visualize": 1}):  # resuming it, showing it: the table it learnt or an error
+            with self.assertRaisesRegex(ValueError, "trained with --pos_embed 3d: pass --pos_embed 3d"):
+                run_stage(pretrain_mae, {**video, **extra})
+        pictures, _ = run_stage(pretrain_mae, {**video, "--pos_embed": "3d", "--visualize": 1})
+        self.assertEqual(len(pictures), 1)
         args = distill.get_args(flags(self.distill_options()))
         with contextlib.redirect_stdout(io.StringIO()):
             teacher = distill.build_teacher("video", args, "cpu", torch.float32)
