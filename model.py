@@ -202,15 +202,18 @@ def attention(q, k, v, dropout_p=0.0):
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), except
     in bf16 on a CPU with bf16 units, where its fused kernel reaches a fraction of them and plain products run 2-4x
     faster (1,568 tokens, a ViT-B layer, 2 clips: 31 against 83 ms forward; ViT-S decoder forward + backward: 57
-    against 109 ms). For long sequences one head at a time, so that its (N, N) probabilities stay in cache."""
+    against 109 ms). For long sequences one head and a block of queries at a time, so that the block's probabilities
+    (about 2 MB) stay in the core's cache: a ViT-B layer's 12 heads at 1,568 tokens take 22 ms instead of 43 for whole
+    heads; each query's softmax is the same either way."""
     B, heads, N, d = q.shape
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p or not cpu_kernels().bf16_attention:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if N < 256:
         return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
-    out = [torch.softmax((q[b, h] * d ** -0.5) @ k[b, h].T, dim=-1) @ v[b, h]  # (N, N) @ (N, d)
-           for b, h in itertools.product(range(B), range(heads))]
-    return torch.stack(out).view(B, heads, N, d)
+    rows = 2 ** 20 // N  # queries per block: (rows, N) bf16 probabilities of about 2 MB
+    out = [torch.softmax((q[b, h, start:start + rows] * d ** -0.5) @ k[b, h].T, dim=-1) @ v[b, h]  # (rows, d)
+           for b, h in itertools.product(range(B), range(heads)) for start in range(0, N, rows)]
+    return torch.cat(out).view(B, heads, N, d)
 
 
 class Attention(nn.Module):
