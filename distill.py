@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import data
 from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
                    bench_steps, fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours,
-                   read_checkpoint, resume, save_checkpoint, save_training_state, setup_distributed, to_pixels,
-                   train_one_epoch, trained_checkpoint, training_step)
+                   read_checkpoint, resume, save_checkpoint, save_training_state, saved_args, setup_distributed,
+                   to_pixels, train_one_epoch, trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -78,7 +78,7 @@ def build_teacher(kind, args, device, dtype):
     default = os.path.join("output", f"{kind}_mae", "checkpoint-last.pth")
     if path is None and os.path.exists(default):
         path = default
-    saved = read_checkpoint(path).get("args", {}) if path else {}
+    saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth = saved.get("depth")  # our small test configs record their depth
     patch = args.teacher_patch_size if kind == "image" else args.patch_size  # the video teacher's tubes = the student's

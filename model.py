@@ -628,6 +628,13 @@ def read_checkpoint(path):
                          "checkpoint: re-download or re-save it with torch.save(state_dict)") from None
 
 
+def saved_args(state):
+    """The training flags a checkpoint records, as a dict: ours store a dict, the official scripts an argparse.Namespace
+    (MAE, VideoMAE, MVD), weight-only files none ({})."""
+    args = state.get("args") if isinstance(state, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
 def trained_checkpoint(args):
     """The checkpoint --visualize shows: --resume, else OUTPUT_DIR/checkpoint-last.pth; one clear error without one."""
     path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")

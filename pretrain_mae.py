@@ -17,7 +17,7 @@ import torch
 import data
 from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
                    load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
-                   setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
+                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -66,8 +66,7 @@ def main(args):
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     previous = checkpoint or args.resume or (last if args.auto_resume else None)
     if video and previous and os.path.exists(previous):
-        saved = read_checkpoint(previous).get("args", {})
-        learnt = (vars(saved) if isinstance(saved, argparse.Namespace) else saved).get("pos_embed", "1d")
+        learnt = saved_args(read_checkpoint(previous)).get("pos_embed", "1d")
         if learnt != args.pos_embed:
             raise ValueError(f"{previous} was trained with --pos_embed {learnt}: pass --pos_embed {learnt}")
     if video:

@@ -1,6 +1,7 @@
 """MVD-minimal test suite: `python test_mvd.py` (or pytest). Tiny configs (a few layers, 32-64 px, 4-8 frames), CPU
 only. Tests make their own videos (PyAV writes real files) and their own checkpoints in the official layouts, and
 check numbers against independent computations. The run ends with one line `N passed, N failed`."""
+import argparse
 import contextlib
 import csv
 import importlib.util
@@ -2922,6 +2923,27 @@ class TestPatchSize(unittest.TestCase):
         self.assertIn("missing 4: fc_norm.* (2), head.* (2)", printed)  # every encoder tensor loaded
         state = load(path)["model"]
         self.assertTrue(torch.equal(classifier.blocks[0].attn.qkv.weight, state["encoder.blocks.0.attn.qkv.weight"]))
+
+    def test_official_checkpoints_with_namespace_args_are_read(self):
+        # the official scripts pickle their argparse.Namespace under "args" (no pos_embed: VideoMAE's 1d table)
+        official = os.path.join(self.tmp, "official_videomae.pth")
+        state = load(self.teachers["--video_teacher"])
+        torch.save({"model": state["model"], "args": argparse.Namespace(model="pretrain_videomae_tiny", patch_size=8)},
+                   official)
+        self.assertEqual(M.saved_args(M.read_checkpoint(official)), {"model": "pretrain_videomae_tiny", "patch_size": 8})
+        self.assertEqual(M.saved_args({"model": {}}), {})
+        lists = os.path.join(self.tmp, "official_lists")
+        os.makedirs(lists, exist_ok=True)
+        items = [line.split()[0] for line in open(self.list_path)]
+        for split in ("train", "val"):
+            write_list(os.path.join(lists, f"{split}.csv"), [f"{p} {i % 2}" for i, p in enumerate(items)])
+        ft = {**self.common, "--finetune": official, "--data_path": lists, "--data_root": self.root,
+              "--test_num_segment": 1, "--test_num_crop": 1, "--eval": None,
+              "--output_dir": os.path.join(self.tmp, "ft_official")}
+        with self.assertRaisesRegex(ValueError, "trained with the 1d position table.*pass --pos_embed 1d"):
+            run_finetune(ft)
+        _, printed = run_finetune({**ft, "--pos_embed": "1d"})
+        self.assertIn("missing 4: fc_norm.* (2), head.* (2)", printed)
 
     def test_a_teacher_of_another_patch_size_or_grid_is_one_error(self):
         with self.assertRaisesRegex(ValueError, "video teacher .* patch size 8.*--patch_size 8"):
