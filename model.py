@@ -74,7 +74,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                    help="activation checkpointing of the trained blocks: less memory, more time")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto: bf16 on GPUs that have it (else fp16 with loss scaling, as the official "
-                        "runs) and on CPUs with bf16 matrix units, else fp32 (fp16 on a CPU only with fp16 units)")
+                        "runs) and on CPUs where bf16 products run faster than fp32 (timed), else fp32 (fp16 on a CPU only with "
+                        "fp16 units)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once and keep it in memory (each worker its own copy): small sets of small "
@@ -141,14 +142,33 @@ def sinusoid_1d(dim, n):
 
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
+BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
+
+
+def product_seconds(dtype, n=512, rounds=5):
+    """The fastest of a few (n, n) @ (n, n) products in dtype: a timed probe that a busy machine cannot turn round,
+    since the two dtypes are apart by 2-3x or more where they differ at all and the fastest round is the CPU's own."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)  # its own generator: the run's
+    # random stream stays where it was, whenever the probe runs
+    a @ a  # the first call builds the kernel
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @functools.cache
 def cpu_kernels():
-    """The CPU's fast paths, found out from what it does rather than assumed. CPUs differ: with AVX-512 (BF16) or AMX
-    a bf16 matrix product runs 1-3x faster than fp32; with AVX2 alone it is emulated, 50-100x slower, and oneDNN has no
-    bf16 kernels at all. -> bf16, fp16: oneDNN's own check for products in that dtype (the one PyTorch's matmul goes
-    by; a timed probe was tried and is unreliable on a loaded machine); onednn_linear: the dtypes oneDNN's fused
-    linear runs in; bf16_attention: plain products for bf16 attention (see attention()). MVD_FAST_KERNELS=0 turns
-    both fast paths off: plain PyTorch, the fallback that always works (the tests force it too)."""
+    """The CPU's fast paths, found out from what it does rather than assumed. CPUs differ: with bf16 matrix units a
+    bf16 product runs up to 3x faster than fp32 (AMD EPYC with AVX-512 BF16); on some CPUs that have them it runs 2x
+    slower (an Intel Xeon whose AVX-512 BF16 lacks AMX: 150 against 300 GFLOP/s); with AVX2 alone it is emulated,
+    50-100x slower, and oneDNN has no bf16 kernels at all. -> bf16, fp16: oneDNN's own check for products in that
+    dtype (the one PyTorch's matmul goes by); bf16_faster: bf16 products measured faster than fp32 here (what
+    --precision auto goes by); onednn_linear: the dtypes oneDNN's fused linear runs in; bf16_attention: plain products
+    for bf16 attention (see attention()). MVD_FAST_KERNELS=0 turns both fast paths off: plain PyTorch, the fallback
+    that always works (the tests force it too)."""
     def linear_runs(dtype):  # oneDNN on a tiny input in this dtype: some CPUs lack the kernel ("could not create a
         x = torch.ones(4, 8, dtype=dtype)  # primitive descriptor"), so a failure here is expected, not an error
         try:
@@ -160,7 +180,8 @@ def cpu_kernels():
 
     onednn, fast = torch.backends.mkldnn.is_available(), os.environ.get("MVD_FAST_KERNELS", "1") != "0"
     bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return SimpleNamespace(bf16=bf16, fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+    return SimpleNamespace(bf16=bf16, bf16_faster=bf16 and product_seconds(torch.bfloat16) * BF16_MARGIN <
+                           product_seconds(torch.float32), fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
                            bf16_attention=fast and bf16,
                            onednn_linear=tuple(d for d in (torch.float32, torch.bfloat16) if fast and onednn and
                                                linear_runs(d)))
@@ -168,10 +189,12 @@ def cpu_kernels():
 
 def auto_precision(cuda):
     """--precision auto -> what this device computes fastest: on CUDA bf16 where the GPU has it, else fp16 (with the
-    loss scaler); on a CPU bf16 where it has bf16 matrix units, else fp32. -> (precision, why)."""
+    loss scaler); on a CPU bf16 where its bf16 products run faster than fp32 (timed), else fp32. -> (precision, why)."""
     if cuda:
         return ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("fp16", "no bf16 on this GPU")
-    return ("bf16", "this CPU has bf16 matrix units") if cpu_kernels().bf16 else ("fp32", "no bf16 units on this CPU")
+    k = cpu_kernels()
+    return ("bf16", "bf16 products run faster than fp32 on this CPU") if k.bf16_faster else (
+        "fp32", "bf16 products run slower than fp32 on this CPU" if k.bf16 else "no bf16 units on this CPU")
 
 
 # --------------------------------------------------------------------------------- Building blocks shared by all models
@@ -781,9 +804,10 @@ def setup_distributed(precision):
     if not cuda and precision == "fp16" and not cpu_kernels().fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
                          "(~50x slower than fp32): use --precision auto, bf16 or fp32")
-    if not cuda and precision == "bf16" and not cpu_kernels().bf16 and rank == 0:
-        print("WARNING: --precision bf16 on a CPU without bf16 matrix units: correct but emulated, 50-100x slower "
-              "than fp32; --precision auto picks fp32 here", flush=True)
+    if not cuda and precision == "bf16" and not cpu_kernels().bf16_faster and rank == 0:
+        print("WARNING: --precision bf16 on a CPU " + ("whose bf16 products run slower than fp32 (measured)" if
+              cpu_kernels().bf16 else "without bf16 matrix units: correct but emulated, 50-100x slower than fp32") +
+              "; --precision auto picks fp32 here", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
                            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))

@@ -342,7 +342,8 @@ class TestModelAttention(unittest.TestCase):
                 runs = False
             self.assertEqual(dtype in k.onednn_linear, runs and os.environ.get("MVD_FAST_KERNELS") != "0", dtype)
         self.assertEqual(k.bf16_attention, k.bf16 and os.environ.get("MVD_FAST_KERNELS") != "0")
-        self.assertEqual(M.auto_precision(cuda=False)[0], "bf16" if k.bf16 else "fp32")
+        self.assertTrue(k.bf16 or not k.bf16_faster)  # emulated bf16 is never timed as the faster
+        self.assertEqual(M.auto_precision(cuda=False)[0], "bf16" if k.bf16_faster else "fp32")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: False):
             self.assertEqual(M.auto_precision(cuda=True)[0], "fp16")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
@@ -352,20 +353,36 @@ class TestModelAttention(unittest.TestCase):
         forced = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
         self.assertEqual(forced.stdout.strip(), "() False", forced.stderr[-2000:])
 
+    def test_auto_precision_follows_the_timed_probe(self):
+        state = torch.get_rng_state()
+        M.product_seconds(torch.float32)
+        self.assertTrue(torch.equal(state, torch.get_rng_state()))  # the run's random stream is left where it was
+        for bf16_seconds, expected in ((0.5e-3, "bf16"), (1e-3, "fp32"), (2e-3, "fp32")):  # fp32 takes 1e-3
+            with mock.patch.object(M, "product_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16
+                                   else 1e-3):
+                M.cpu_kernels.cache_clear()
+                try:
+                    k, (precision, why) = M.cpu_kernels(), M.auto_precision(cuda=False)
+                finally:
+                    M.cpu_kernels.cache_clear()  # the next call probes this CPU again
+            self.assertEqual(precision, expected if k.bf16 else "fp32", why)  # emulated bf16: fp32 whatever the time
+            self.assertIn("slower" if k.bf16 and expected == "fp32" else "" if k.bf16 else "no bf16 units", why)
+
     def test_precision_flags_run_or_refuse_in_one_line_on_this_cpu(self):
         k = M.cpu_kernels()
-        for precision in ("fp16", "bf16"):
-            units = getattr(k, precision)
+        for precision, units, warning in (("fp16", dict(fp16=False), ""), ("bf16", dict(bf16=False, bf16_faster=False),
+                                          "emulated"), ("bf16", dict(bf16=True, bf16_faster=False), "slower")):
             out = io.StringIO()
-            with mock.patch.object(M, "cpu_kernels", lambda: SimpleNamespace(**{**vars(k), precision: False})), \
+            with mock.patch.object(M, "cpu_kernels", lambda: SimpleNamespace(**{**vars(k), **units})), \
                     contextlib.redirect_stdout(out), mock.patch.object(torch.cuda, "is_available", lambda: False):
                 if precision == "fp16":  # emulated fp16 is refused: one error line naming what to use instead
                     with self.assertRaisesRegex(ValueError, "no fp16 matrix units.*--precision auto"):
                         M.setup_distributed("fp16")
-                else:  # emulated bf16 runs, and says once that it is slow
+                else:  # slow bf16 runs, and says once why it is slow and what auto picks
                     self.assertEqual(M.setup_distributed("bf16").dtype, torch.bfloat16)
-                    self.assertEqual(out.getvalue().count("emulated"), 1, out.getvalue())
-            self.assertEqual(units, getattr(M.cpu_kernels(), precision))  # the probe itself is untouched
+                    self.assertEqual(out.getvalue().count(warning), 1, out.getvalue())
+                    self.assertIn("auto picks fp32", out.getvalue())
+            self.assertEqual(vars(k), vars(M.cpu_kernels()))  # the probe itself is untouched
         result = subprocess.run([sys.executable, "distill.py", "--precision", "fp16", "--bench", "1"], cwd=HERE,
                                 capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         if not k.fp16:
