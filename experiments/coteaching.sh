@@ -46,10 +46,11 @@ for seed in "${seeds[@]}"; do
     finetune="$common --batch_size 16 --layer_decay 1.0 --no-flip --test_num_segment 2 \
         --test_num_crop 1 --lr 1e-3 --crop_scale 0.5 --aa none --reprob 0 --mixup 0 --cutmix 0 --smoothing 0 \
         --num_sample 1"
+    motion_budget="--epochs 1 --warmup_epochs 0 --eval_freq 1"
     for task in appearance motion; do
         case $task in
             appearance) budget="--epochs 4 --warmup_epochs 1 --eval_freq 4" ;;
-            motion) budget="--epochs 1 --warmup_epochs 0 --eval_freq 1" ;;
+            motion) budget=$motion_budget ;;
         esac
         for init in scratch video_mae image video both; do
             case $init in
@@ -60,6 +61,6 @@ for seed in "${seeds[@]}"; do
             python finetune.py $finetune $budget $weights --data_path $syn/$task --output_dir $out/finetune_${task}_$init
         done
     done
-    python finetune.py $finetune $budget --finetune $out/student_both/checkpoint-last.pth --sampling_rate 0 \
+    python finetune.py $finetune $motion_budget --finetune $out/student_both/checkpoint-last.pth --sampling_rate 0 \
         --data_path $syn/motion --output_dir $out/finetune_motion_one_frame
 done
