@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+import timeit
 from types import SimpleNamespace
 
 import torch
@@ -74,8 +75,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                    help="activation checkpointing of the trained blocks: less memory, more time")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto: bf16 on GPUs that have it (else fp16 with loss scaling, as the official "
-                        "runs) and on CPUs where bf16 products run faster than fp32 (timed), else fp32 (fp16 on a CPU only with "
-                        "fp16 units)")
+                        "runs) and on CPUs where bf16 products run faster than fp32 (timed), else fp32 (fp16 on a CPU "
+                        "only with fp16 units)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once and keep it in memory (each worker its own copy): small sets of small "
@@ -145,18 +146,17 @@ def sinusoid_1d(dim, n):
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
 
 
-def product_seconds(dtype, n=512, rounds=5):
-    """The fastest of a few (n, n) @ (n, n) products in dtype: a timed probe that a busy machine cannot turn round,
-    since the two dtypes are apart by 2-3x or more where they differ at all and the fastest round is the CPU's own."""
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)  # its own generator: the run's
-    # random stream stays where it was, whenever the probe runs
-    a @ a  # the first call builds the kernel
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return min(times)
+def bf16_speedup(n=512, rounds=20):
+    """How many times faster a bf16 (n, n) @ (n, n) product runs than an fp32 one: the fastest of `rounds` of each,
+    the two taken in turn so that a busy machine slows both alike (the Xeon below: 0.55 idle, 0.51-0.66 in 20 probes
+    beside the test suite; 10 rounds gave 0.15-0.63). Its own generator: the run's random stream stays where it was."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    pair = (a, a.bfloat16())
+    for x in pair:
+        x @ x  # the first call builds the kernel
+    times = [[timeit.timeit(lambda: x @ x, number=1) for x in pair] for _ in range(rounds)]
+    fp32, bf16 = (min(dtype_times) for dtype_times in zip(*times))
+    return fp32 / bf16
 
 
 @functools.cache
@@ -180,8 +180,8 @@ def cpu_kernels():
 
     onednn, fast = torch.backends.mkldnn.is_available(), os.environ.get("MVD_FAST_KERNELS", "1") != "0"
     bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return SimpleNamespace(bf16=bf16, bf16_faster=bf16 and product_seconds(torch.bfloat16) * BF16_MARGIN <
-                           product_seconds(torch.float32), fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+    return SimpleNamespace(bf16=bf16, bf16_faster=bf16 and bf16_speedup() >= BF16_MARGIN,
+                           fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
                            bf16_attention=fast and bf16,
                            onednn_linear=tuple(d for d in (torch.float32, torch.bfloat16) if fast and onednn and
                                                linear_runs(d)))
