@@ -355,11 +355,10 @@ class TestModelAttention(unittest.TestCase):
 
     def test_auto_precision_follows_the_timed_probe(self):
         state = torch.get_rng_state()
-        M.product_seconds(torch.float32)
+        self.assertGreater(M.bf16_speedup(rounds=2), 0)
         self.assertTrue(torch.equal(state, torch.get_rng_state()))  # the run's random stream is left where it was
-        for bf16_seconds, expected in ((0.5e-3, "bf16"), (1e-3, "fp32"), (2e-3, "fp32")):  # fp32 takes 1e-3
-            with mock.patch.object(M, "product_seconds", lambda dtype: bf16_seconds if dtype == torch.bfloat16
-                                   else 1e-3):
+        for speedup, expected in ((3.0, "bf16"), (1.25, "bf16"), (1.1, "fp32"), (0.5, "fp32")):
+            with mock.patch.object(M, "bf16_speedup", lambda: speedup):
                 M.cpu_kernels.cache_clear()
                 try:
                     k, (precision, why) = M.cpu_kernels(), M.auto_precision(cuda=False)
@@ -1714,6 +1713,12 @@ def assert_identical(test, a, b, where="checkpoint"):
         test.assertEqual(a, b, where)
 
 
+# A batch split across processes or micro-batches sums its gradients in another order, and AdamW divides by their
+# root mean square, so where a gradient is near 0 the rounding moves a weight by a part of lr: at lr 1e-3 the runs here
+# differ by at most 2e-5 (1.9e-5 with AVX2 kernels on an Intel Xeon); an error (other samples, another lr) by ~1e-3.
+SPLIT_BATCH_TOLERANCE = 1e-4
+
+
 def max_weight_diff(test, a, b):
     """Largest |a - b| over the float tensors of two state dicts with the same keys."""
     test.assertEqual(sorted(a), sorted(b))
@@ -1989,7 +1994,7 @@ class TestPretrainMAE(unittest.TestCase):
         two = training_checkpoint(self, os.path.join(self.tmp, "ddp2"))
         one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
-        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), SPLIT_BATCH_TOLERANCE)
         # rank 0 killed (SIGKILL) after its second step: torchrun restarts both, the run ends as if never killed
         code, printed = run_ddp_killed("pretrain_mae.py", self.options("ddp2_killed", batch_size=2, save_every_steps=1,
                                                                        **opts), 0, r"epoch 0 step 2/4")
@@ -2006,7 +2011,7 @@ class TestPretrainMAE(unittest.TestCase):
         self.assertIn("epoch 0 at optimizer step 1", ddp.stdout)
         moved = training_checkpoint(self, folder)
         self.assertEqual(optimizer_steps(moved), 4.0)
-        self.assertLess(max_weight_diff(self, moved["model"], one["model"]), 1e-5)
+        self.assertLess(max_weight_diff(self, moved["model"], one["model"]), SPLIT_BATCH_TOLERANCE)
 
     def test_resumed_inside_an_epoch_by_another_split_of_the_same_total_batch(self):
         opts = dict(epochs=2, lr=1e-3, save_every_steps=1, precision="fp32")  # batch 4: 4 steps an epoch
@@ -2022,7 +2027,8 @@ class TestPretrainMAE(unittest.TestCase):
         self.assertEqual(len(reads), 28)  # 7 of the 8 steps
         one, two = (training_checkpoint(self, os.path.join(self.tmp, f"split_{x}")) for x in "ab")
         self.assertEqual((optimizer_steps(one), optimizer_steps(two)), (8.0, 8.0))
-        self.assertLess(max_weight_diff(self, one["model"], two["model"]), 1e-5)  # 2 x 2 sums gradients in another order
+        # 2 x 2 sums gradients in another order
+        self.assertLess(max_weight_diff(self, one["model"], two["model"]), SPLIT_BATCH_TOLERANCE)
         self.assertEqual([r["epoch"] for r in read_log(os.path.join(self.tmp, "split_b"))], [0, 1])
 
     def test_update_freq_2_equals_a_double_batch(self):
@@ -2032,7 +2038,7 @@ class TestPretrainMAE(unittest.TestCase):
         two = training_checkpoint(self, os.path.join(self.tmp, "accum2"))
         one = training_checkpoint(self, os.path.join(self.tmp, "accum1"))
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
-        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), SPLIT_BATCH_TOLERANCE)
         self.assertEqual(two["optimizer"]["param_groups"][0]["lr"], one["optimizer"]["param_groups"][0]["lr"])
 
     def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(self):
@@ -2392,7 +2398,7 @@ class TestDistill(unittest.TestCase):
         two = training_checkpoint(self, os.path.join(self.tmp, "ddp2"))
         one = training_checkpoint(self, os.path.join(self.tmp, "ddp1"))
         self.assertEqual((optimizer_steps(two), optimizer_steps(one)), (4.0, 4.0))
-        self.assertLess(max_weight_diff(self, two["model"], one["model"]), 1e-5)
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), SPLIT_BATCH_TOLERANCE)
         self.assertEqual([r["epoch"] for r in read_log(os.path.join(self.tmp, "ddp2"))], [0])
         # rank 1 killed (SIGKILL) during step 3 or 4: torchrun restarts both, and they go on from rank 0's checkpoint
         code, printed = run_ddp_killed("distill.py", self.options("ddp2_killed", batch_size=2, **opts), 1,
