@@ -365,7 +365,7 @@ class TestModelAttention(unittest.TestCase):
                 finally:
                     M.cpu_kernels.cache_clear()  # the next call probes this CPU again
             self.assertEqual(precision, expected if k.bf16 else "fp32", why)  # emulated bf16: fp32 whatever the time
-            self.assertIn("slower" if k.bf16 and expected == "fp32" else "" if k.bf16 else "no bf16 units", why)
+            self.assertIn(("faster" if expected == "bf16" else "slower") if k.bf16 else "no bf16 units", why)
 
     def test_precision_flags_run_or_refuse_in_one_line_on_this_cpu(self):
         k = M.cpu_kernels()
