@@ -194,7 +194,8 @@ def auto_precision(cuda):
         return ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("fp16", "no bf16 on this GPU")
     k = cpu_kernels()
     return ("bf16", "bf16 products run faster than fp32 on this CPU") if k.bf16_faster else (
-        "fp32", "bf16 products run slower than fp32 on this CPU" if k.bf16 else "no bf16 units on this CPU")
+        "fp32", "bf16 products run slower than fp32 on this CPU (measured)" if k.bf16 else
+        "no bf16 units on this CPU: bf16 is emulated, 50-100x slower than fp32")
 
 
 # --------------------------------------------------------------------------------- Building blocks shared by all models
@@ -804,10 +805,8 @@ def setup_distributed(precision):
     if not cuda and precision == "fp16" and not cpu_kernels().fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
                          "(~50x slower than fp32): use --precision auto, bf16 or fp32")
-    if not cuda and precision == "bf16" and not cpu_kernels().bf16_faster and rank == 0:
-        print("WARNING: --precision bf16 on a CPU " + ("whose bf16 products run slower than fp32 (measured)" if
-              cpu_kernels().bf16 else "without bf16 matrix units: correct but emulated, 50-100x slower than fp32") +
-              "; --precision auto picks fp32 here", flush=True)
+    if not cuda and precision == "bf16" and rank == 0 and auto_precision(cuda=False)[0] != "bf16":
+        print(f"WARNING: --precision bf16: {auto_precision(cuda=False)[1]}; --precision auto picks fp32 here", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
                            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
