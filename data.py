@@ -10,11 +10,14 @@ RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x
 samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
 """
 import argparse
+import contextlib
+import fractions
 import functools
 import itertools
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -23,13 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MEAN_255, _STD_255 = (255 * torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 # What a missing, truncated, empty or non-video file raises while it is read (PIL raises OSError for images).
 UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 
@@ -59,7 +61,10 @@ def _video_stream(container, path):
     if not container.streams.video:
         raise ValueError(f"{path}: no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame- and slice-threaded decoding
+    # Frame- and slice-threaded decoding on as many threads as torch uses: all cores in the main process, one in a
+    # loader worker (as many workers as cores is what feeds a GPU; more threads per worker would only contend).
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = torch.get_num_threads()
     return stream
 
 
@@ -94,35 +99,46 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
         # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
         container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
-    out, previous, index, skipped = {}, None, -1, set()
+    out, previous, index, skipped, held, fed = {}, None, -1, set(), [], set()
     # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame,
     # which costs 5-10x the decoding itself (2.3 ms a 64-px frame, 2.8 ms at 340x256, on 2 cores); the same context
     # reused gives the same pixels.
     rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24")
     for packet in container.demux(stream):
-        if origin is not None:  # decided per packet, before the decoder's threads see it
-            n = None if packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
-            skip = n is not None and n not in wanted
-            stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
-            skipped.update([n] if skip else [])
-        for frame in packet.decode():
-            if by_pts:
-                if frame.pts is None:
-                    return None
-                origin = frame.pts if origin is None else origin
-                i = round((frame.pts - origin) / ticks_per_frame)
-                # Gaps are expected before the first needed frame (the seek); from there on the only frames missing
-                # may be those skipped on purpose, or timestamps do not count frames (variable frame rate).
-                if i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
-                    return None
-                index = i
-            else:
-                index += 1
-            if index in wanted or convert_all:
-                out[index] = rgb(frame).to_ndarray()
-            if index >= last and not convert_all:
-                return out
-            previous = frame
+        n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
+        needed = n is None or n in wanted
+        skipped.update([] if needed else [n])
+        if not needed and n < last:
+            # A frame nobody needs before the last needed one is held back, undecoded, until a needed one may refer
+            # to it. At a keyframe after every needed frame before it, decoding can start afresh: what is held is
+            # dropped. So clips far apart in one video cost two short decodes, not the reference frames between.
+            if packet.is_keyframe and all(w in fed for w in wanted if w < n):
+                held = []
+            held.append(packet)
+            continue
+        fed.add(n)
+        for p in held + [packet]:
+            # decided per packet, before the decoder's threads see it: frames no other frame refers to are skipped
+            stream.codec_context.skip_frame = "DEFAULT" if p is packet and needed else "NONREF"
+            for frame in p.decode():
+                if by_pts:
+                    if frame.pts is None:
+                        return None
+                    origin = frame.pts if origin is None else origin
+                    i = round((frame.pts - origin) / ticks_per_frame)
+                    # Gaps are expected before the first needed frame (the seek); from there on the only frames
+                    # missing may be those skipped on purpose, or timestamps do not count frames (variable rate).
+                    if i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
+                        return None
+                    index = i
+                else:
+                    index += 1
+                if index in wanted or convert_all:
+                    out[index] = rgb(frame).to_ndarray()
+                if index >= last and not convert_all:
+                    return out
+                previous = frame
+        held = []
     if previous is None:
         if by_pts:
             return None
@@ -161,8 +177,8 @@ def write_video(path, frames, fps=30, codec="libx264", options=None):
         container.mux(stream.encode())  # flush the encoder's delayed frames
 
 
-def load_video_list(list_path, data_root=""):
-    """[(absolute path, label)] from lines `path label` (space or comma); files listed but missing are skipped."""
+def read_list(list_path):
+    """[(path as written, label)] from lines `path label` (space or comma)."""
     if not os.path.isfile(list_path):
         raise ValueError(f"video list {list_path} does not exist: check --data_path")
     videos = []
@@ -173,7 +189,13 @@ def load_video_list(list_path, data_root=""):
             fields = line.strip().split("," if "," in line else None)
             if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
                 raise ValueError(f"{list_path}:{line_number}: expected 'path label', got {line.strip()!r}")
-            videos.append((os.path.abspath(os.path.join(data_root, fields[0].strip())), int(fields[1])))
+            videos.append((fields[0].strip(), int(fields[1])))
+    return videos
+
+
+def load_video_list(list_path, data_root=""):
+    """[(absolute path, label)] of a list (read_list); files listed but missing are skipped."""
+    videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
     missing = [path for path, _ in videos if not os.path.exists(path)]
     if missing:
         print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist and are skipped, "
@@ -220,11 +242,13 @@ def _as_is(item):
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
-def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", view=None, num_views=1):
+def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", view=None, num_views=1, num_clips=1):
     """Frame indices of one clip. view=None: random (training); else view `view` of `num_views` (testing).
 
     dense: num_frames frames every sampling_rate frames; random start, or starts evenly spaced over the video
       (the official test loader takes every sampling_rate-th frame and spaces num_views windows over them).
+      num_clips > 1 (training): that many clips one after the other in the list, the k-th starting in the k-th of
+      num_clips equal parts of the possible starts (the official repeated sampling, TSN-style).
     segment (official SSv2): num_frames equal segments, one frame each, random in training; in testing view k takes
       fraction (1/2 + k/num_views) mod 1 of every segment (centres first; with 2 views the official centres + starts).
     A video shorter than the clip repeats its last frame. sampling_rate 0 repeats one frame: no motion left to see.
@@ -238,15 +262,15 @@ def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", 
             return [int(torch.randint(lo, hi, ())) for lo, hi in zip(bounds, bounds[1:])]
         offset = (0.5 + view / num_views) % 1
         return [int(n / num_frames * (i + offset)) for i in range(num_frames)]
-    if sampling_rate == 0:  # one frame repeated: the single-frame baseline (random frame, or views evenly spaced)
-        frame = int(torch.randint(n, ())) if view is None else int(view * (n - 1) / max(num_views - 1, 1))
-        return [frame] * num_frames
-    if view is None:
-        span = (num_frames - 1) * sampling_rate + 1
-        start = int(torch.randint(max(n - span, 0) + 1, ()))
-    else:
-        num_strided = -(-n // sampling_rate)  # frames 0, r, 2r, ... that exist
-        start = sampling_rate * int(view * max(num_strided - num_frames, 0) / max(num_views - 1, 1))
+    if view is None:  # sampling_rate 0 repeats one frame: the single-frame baseline
+        starts = max(n - (num_frames - 1) * sampling_rate, 1)  # possible starts: 0 .. starts - 1
+        bounds = [k * starts // num_clips for k in range(num_clips + 1)]
+        return [min(start + sampling_rate * i, n - 1) for lo, hi in zip(bounds, bounds[1:])
+                for start in [int(torch.randint(lo, max(hi, lo + 1), ()))] for i in range(num_frames)]
+    if sampling_rate == 0:  # the single-frame baseline's views, evenly spaced over the video
+        return [int(view * (n - 1) / max(num_views - 1, 1))] * num_frames
+    num_strided = -(-n // sampling_rate)  # frames 0, r, 2r, ... that exist
+    start = sampling_rate * int(view * max(num_strided - num_frames, 0) / max(num_views - 1, 1))
     return [min(start + sampling_rate * i, n - 1) for i in range(num_frames)]
 
 
@@ -273,9 +297,13 @@ def random_mask(num_patches, mask_ratio, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
-def normalize(frames):
-    """uint8 (T, 3, H, W) -> float (3, T, H, W), ImageNet-normalized: (x / 255 - mean) / std, in place (3x faster)."""
-    return frames.float().sub_(_MEAN_255).div_(_STD_255).transpose(0, 1)
+def normalize(x, channel_dim=1):
+    """uint8 -> float, ImageNet-normalized along `channel_dim`: (x / 255 - mean) / std, on x's device, in place (3x
+    faster). Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a
+    GPU for free, and a quarter of the bytes travel from the loader's workers (a float clip is 9.6 MB)."""
+    shape = (3,) + (1,) * (x.ndim - channel_dim % x.ndim - 1)
+    mean, std = (255 * torch.tensor(v, device=x.device).view(shape) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return x.float().sub_(mean).div_(std)
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
@@ -398,26 +426,36 @@ class VideoDataset(SeededDataset):
         return len(self.items) * (self.test_num_segment * self.test_num_crop if self.mode == "test" else 1)
 
     def read_clip(self, path, view=None):
-        """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing)."""
+        """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing); in pretraining
+        (num_clips * T, 3, H, W): num_sample clips at num_sample places of the video, decoded in one pass."""
+        num_clips = self.num_sample if self.mode == "pretrain" else 1
+
         def indices(num_video_frames):
             return clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.sampling, view,
-                                self.test_num_segment)
+                                self.test_num_segment, num_clips)
         return self.reader(path, indices).permute(0, 3, 1, 2)
 
     def get(self, index):
+        """A sample, or a list of num_sample samples of one video (make_loader's batches hold every one of them)."""
         if self.mode == "test":
             return self.get_view(index)
         index, frames = self.read_good(index, self.read_clip)
         if self.mode == "train":  # num_sample augmented copies of one decoded clip (repeated augmentation)
-            copies = [self.augment(tv_tensors.Video(frames)).transpose(0, 1) for _ in range(self.num_sample)]
-            return {"video": torch.stack(copies).as_subclass(torch.Tensor), "label": self.items[index][1],
-                    "index": index}  # (num_sample, 3, T, S, S)
+            samples = [{"video": self.augment(tv_tensors.Video(frames)).transpose(0, 1).as_subclass(torch.Tensor),
+                        "label": self.items[index][1], "index": index} for _ in range(self.num_sample)]
+        else:  # pretraining: each clip its own crop and mask, uint8 until the training device normalizes it
+            samples = [self.crop_and_mask(clip, index) for clip in frames.split(self.num_frames)]
+        return samples if len(samples) > 1 else samples[0]
+
+    def crop_and_mask(self, frames, index):
+        """Pretraining: uint8 (T, 3, H, W) -> {"video": uint8 (3, T, S, S), "mask": bool (N,), "index"}, the official
+        multi-scale crop (and the same region at the teachers' size, if it differs) and a tube mask."""
         top, left, height, width = multi_scale_crop_box(*frames.shape[-2:], self.input_size)
         crop = functools.partial(v2.functional.resized_crop, frames, top, left, height, width, antialias=True)
-        sample = {"video": normalize(crop([self.input_size] * 2)),  # (3, T, S, S)
+        sample = {"video": crop([self.input_size] * 2).transpose(0, 1),  # (3, T, S, S)
                   "mask": tube_mask(self.mask_grid, self.mask_ratio), "index": index}
         if self.teacher_input_size:  # the same region for a teacher with another input size
-            sample["teacher_video"] = normalize(crop([self.teacher_input_size] * 2))
+            sample["teacher_video"] = crop([self.teacher_input_size] * 2).transpose(0, 1)
         return sample
 
     def get_view(self, index):
@@ -438,41 +476,42 @@ class VideoDataset(SeededDataset):
         frames = frames[..., start:start + s, :] if height > width else frames[..., start:start + s]
         if s != self.input_size:  # the official code assumes short_side_size == input_size
             frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=True)
-        return {"video": normalize(frames), **sample}
+        return {"video": normalize(frames).transpose(0, 1), **sample}
 
 
 class ImageDataset(SeededDataset):
-    """Image-MAE data: an ImageFolder root, or a video list (one random frame per item); RandomResizedCrop(0.2-1,
-    bicubic) + flip + normalize as MAE; item {"image": (3, S, S), "mask": bool (L,), "index"}."""
+    """Image-MAE data: an ImageFolder root, or a video list (a random frame per item); RandomResizedCrop(0.2-1,
+    bicubic) + flip as MAE; item {"image": uint8 (3, S, S), "mask": bool (L,), "index"}, normalized on the training
+    device. num_sample > 1: a list of that many, frames from as many equal parts of one video (or crops of one image)."""
 
-    def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, seed=0,
+    def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, num_sample=1, seed=0,
                  output_dir=None, max_bad_videos=None, cache_videos=False):
         self.from_videos = not os.path.isdir(data_path)
         folder = None if self.from_videos else torchvision.datasets.ImageFolder(data_path)
         super().__init__(load_video_list(data_path, data_root) if self.from_videos else folder.samples, seed,
                          output_dir, max_bad_videos, cache_videos and self.from_videos)
         self.load_image = None if self.from_videos else folder.loader  # PIL, as MAE
-        self.num_patches, self.mask_ratio = (input_size // patch_size) ** 2, mask_ratio
+        self.num_patches, self.mask_ratio, self.num_sample = (input_size // patch_size) ** 2, mask_ratio, num_sample
         self.augment = v2.Compose([
             v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
             v2.RandomHorizontalFlip(),
-        ])  # then normalized in place: v2's ToDtype + Normalize cost a fifth of a 64-px item
+        ])
 
     def __len__(self):
         return len(self.items)
 
-    def read_image(self, path):
-        """uint8 (3, H, W)."""
+    def read_images(self, path):
+        """uint8 (num_sample, 3, H, W)."""
         if not self.from_videos:
-            return v2.functional.pil_to_tensor(self.load_image(path))
-        return self.reader(path, lambda num_frames: [int(torch.randint(num_frames, ()))])[0].permute(2, 0, 1)
+            return v2.functional.pil_to_tensor(self.load_image(path)).expand(self.num_sample, -1, -1, -1)
+        return self.reader(path, lambda n: clip_indices(n, 1, 1, num_clips=self.num_sample)).permute(0, 3, 1, 2)
 
     def get(self, index):
-        index, image = self.read_good(index, self.read_image)
-        image = self.augment(tv_tensors.Image(image)).as_subclass(torch.Tensor)  # uint8 (3, S, S)
-        return {"image": image.float().sub_(_MEAN_255).div_(_STD_255),
-                "mask": random_mask(self.num_patches, self.mask_ratio), "index": index}
+        index, images = self.read_good(index, self.read_images)
+        samples = [{"image": self.augment(tv_tensors.Image(image)).as_subclass(torch.Tensor),  # uint8 (3, S, S)
+                    "mask": random_mask(self.num_patches, self.mask_ratio), "index": index} for image in images]
+        return samples if len(samples) > 1 else samples[0]
 
 
 # ------------------------------------------------------------------------------------------- loaders and mixing
@@ -493,14 +532,20 @@ class EpochSampler(DistributedSampler):
 
 def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,
                 device_type="cpu"):
-    """Batches of `dataset` for one rank. Without drop_last, DistributedSampler pads the ranks to equal length by
-    repeating a few items: evaluation should count each (index, view) once. Call loader.sampler.set_epoch(epoch)."""
+    """Batches of `dataset` for one rank: batch_size items, each a sample or a list of samples of one video (every
+    one goes into the batch, video by video, as the official collate of repeated samples). Without drop_last,
+    DistributedSampler pads the ranks to equal length by repeating a few items: evaluation should count each
+    (index, view) once. Call loader.sampler.set_epoch(epoch)."""
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                            drop_last=drop_last)
     # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), collate_fn=collate_samples)
+
+
+def collate_samples(items):
+    return default_collate([s for item in items for s in (item if isinstance(item, list) else [item])])
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
@@ -654,55 +699,215 @@ def write_pictures(output_dir, videos, pictures, input_size):
     return written
 
 
+# ------------------------------------------------------------------------------------------ preparing a data set
+# x264 settings of prepared copies, each measured on the reader (docs/speed.md): the fast-decode tune (CAVLC instead of
+# CABAC, no deblocking filter) decodes 2-3x faster for ~15% more bytes; 3 B-frames between P-frames always (b-adapt=0),
+# none of them a reference (no B-pyramid), so that a clip that takes every 4th frame skips 3 frames in 4 between the
+# ones it needs. One encoder thread: prepare() runs a process per core.
+PREPARE_X264 = {"tune": "fastdecode", "preset": "fast", "threads": "1", "x264-params": "b-adapt=0:bframes=3:b-pyramid=none"}
+
+
+def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=32, crf=18, num_workers=None):
+    """Re-encode every video of a list for training into output_dir, and write there a list of the copies with the
+    same labels (the list's file name; the originals are not touched). -> the new list's path.
+
+    A copy is H.264 (PREPARE_X264) in mp4 with the same frames, its short side at most `short_side` (never enlarged)
+    and a keyframe every `keyframe_interval` frames, so that a clip decodes from a keyframe just before it. Videos are
+    prepared by num_workers processes (default: one per core). An unreadable input is listed in
+    output_dir/unreadable.txt and left out. Every copy is verified (it decodes to as many frames as its original)
+    before it takes its final name: a run killed at any moment can be run again, finished copies are kept and a
+    half-written one never counts."""
+    settings = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, x264=PREPARE_X264)
+    os.makedirs(output_dir, exist_ok=True)
+    record = os.path.join(output_dir, "prepare.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            if json.load(f) != settings:
+                raise ValueError(f"{output_dir} holds copies prepared with other settings ({record}): prepare into "
+                                 "another folder, or give the same --short_side, --keyframe_interval and --crf")
+    else:
+        _write_atomically(record, json.dumps(settings))
+    entries = read_list(list_path)
+    copy = {path: os.path.splitext(os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, ""))[0] + ".mp4"
+            for path, _ in entries}  # the list's path -> the copy's, relative to output_dir
+    jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name)) for path, name in copy.items()
+                   if not os.path.exists(os.path.join(output_dir, name))})
+    print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")
+    workers = os.cpu_count() if num_workers is None else num_workers
+    results = DataLoader(_PrepareJobs(jobs, settings), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    unreadable, begin = [], time.time()
+    shown = begin
+    for done, (source, error) in enumerate(results, 1):
+        if error:
+            unreadable.append(f"{source}\t{error}")
+            print(f"skipping unreadable file {source} ({error[:200]})", flush=True)
+        if done == len(jobs) or time.time() - shown > 10:  # a progress line every 10 s
+            shown, rate = time.time(), done / (time.time() - begin)
+            print(f"prepared {done}/{len(jobs)} ({len(unreadable)} unreadable), {rate:.1f} videos/s, "
+                  f"{(len(jobs) - done) / rate:.0f} s left", flush=True)
+    _write_atomically(os.path.join(output_dir, "unreadable.txt"), "".join(line + "\n" for line in unreadable))
+    new_list = os.path.join(output_dir, os.path.basename(list_path))
+    kept = [f"{copy[path]} {label}\n" for path, label in entries if os.path.exists(os.path.join(output_dir, copy[path]))]
+    _write_atomically(new_list, "".join(kept))
+    left_out = f", {len(entries) - len(kept)} left out: unreadable.txt says why" if len(kept) < len(entries) else ""
+    print(f"{new_list}: {len(kept)} of {len(entries)} videos{left_out}; train with --data_path {new_list} "
+          f"--data_root {output_dir}")
+    return new_list
+
+
+class _PrepareJobs(Dataset):  # a DataLoader over these runs them in parallel worker processes
+    def __init__(self, jobs, settings):
+        self.jobs, self.settings = jobs, settings
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, i):  # -> (source, None or why it failed)
+        source, target = self.jobs[i]
+        partial = target + ".part"
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            frames = transcode(source, partial, **self.settings)
+            with av.open(partial, format="mp4") as container:  # verify: every frame decodes
+                if sum(1 for _ in container.decode(video=0)) != frames:
+                    raise ValueError(f"the copy does not decode to the original's {frames} frames")
+            with open(partial, "rb") as f:
+                os.fsync(f.fileno())  # on disk before it takes its final name
+            os.replace(partial, target)
+            return source, None
+        except UNREADABLE as error:
+            if os.path.exists(partial):
+                os.unlink(partial)
+            return source, f"{type(error).__name__}: {error}"
+
+
+def transcode(source, target, short_side, keyframe_interval, crf, x264=PREPARE_X264):
+    """Write source's frames to target as H.264 in mp4, resized (by swscale, area) to a short side of at most
+    short_side with even sides (yuv420p), one frame for each decoded frame at the source's average rate (frame i of
+    the copy is frame i of the source). -> the number of frames."""
+    with av.open(source) as container, av.open(target, "w", format="mp4") as output:
+        stream = _video_stream(container, source)
+        rate = fractions.Fraction(stream.average_rate or stream.guessed_rate or 30)
+        scale = min(1.0, short_side / min(stream.width, stream.height))
+        width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
+        encoder = output.add_stream("libx264", rate=rate, options={**x264, "g": str(keyframe_interval),
+                                                                  "crf": str(crf)})
+        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+        frames = 0
+        for frame in container.decode(stream):
+            frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
+            frame.pts, frame.time_base = frames, 1 / rate
+            frame.pict_type = av.video.frame.PictureType.NONE  # the encoder chooses (x264 keeps a decoded type)
+            output.mux(encoder.encode(frame))
+            frames += 1
+        output.mux(encoder.encode())
+    if not frames:
+        raise ValueError("no frames decoded")
+    return frames
+
+
+def _write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------------------------- benchmark
-def benchmark_set(root, num_videos=10):
-    """10-second 340x256 30-fps H.264 videos (x264 defaults: keyframes 250 frames apart), made once."""
+def benchmark_set(root, bitrate="low", num_videos=10):
+    """10-second 340x256 30-fps H.264 videos at x264's defaults (keyframes 250 frames apart), made once. "low": the
+    synthetic set's objects over a panning background with sensor noise (~135 kbit/s); "high": an image of random
+    noise panning 3 px a frame (~570 kbit/s, 66 kB keyframes). -> (list path, root)."""
+    root = os.path.join(root, bitrate)
     list_path = os.path.join(root, f"bench{num_videos}.csv")
     if not os.path.exists(list_path):  # written last: its presence means the set is complete
         os.makedirs(root, exist_ok=True)
-        for i in range(num_videos):  # a panning background and sensor noise give realistic bitrates
-            frames = render_video(np.random.default_rng(i), 256, 340, 300, i % 4, i // 4 % 4, (0, 1), noise=4.0)
+        for i in range(num_videos):
+            rng = np.random.default_rng(i)
+            if bitrate == "low":
+                frames = render_video(rng, 256, 340, 300, i % 4, i // 4 % 4, (0, 1), noise=4.0)
+            else:
+                noise = rng.integers(0, 256, (256, 340 + 3 * 300, 3), dtype=np.uint8)
+                frames = np.stack([noise[:, 3 * t:3 * t + 340] for t in range(300)])
             write_video(os.path.join(root, f"{i}.mp4"), frames, fps=30)
-        with open(list_path + ".tmp", "w") as f:
-            f.writelines(f"{i}.mp4 0\n" for i in range(num_videos))
-        os.replace(list_path + ".tmp", list_path)
+        _write_atomically(list_path, "".join(f"{i}.mp4 0\n" for i in range(num_videos)))
     return list_path, root
 
 
-def benchmark(data_path, data_root, num_clips=40):
-    """Clips/s of the pretraining path (decode + sample + distillation transform + mask), one process, both ways.
-    The two readers alternate clip by clip on the same clips, so that a busy machine slows both alike."""
-    dataset = VideoDataset(data_path, data_root, mode="pretrain", num_frames=16, sampling_rate=4, input_size=224)
-    readers = {"clips_per_s": read_frames, "decode_all_clips_per_s": functools.partial(read_frames, decode_all=True)}
-    seconds = dict.fromkeys(readers, 0.0)
-    for i in range(-1, num_clips):  # -1: warm-up, not timed
-        for key, reader in readers.items():
-            dataset.reader = reader
-            begin = time.perf_counter()
-            dataset[(max(i, 0) % len(dataset), max(i, 0) // len(dataset))]
-            seconds[key] += (time.perf_counter() - begin) * (i >= 0)
-    result = {key: round(num_clips / seconds[key], 2) for key in readers}
-    result["speedup"] = round(seconds["decode_all_clips_per_s"] / seconds["clips_per_s"], 2)
-    return result
+def benchmark(data_path, data_root, num_clips=40, num_sample=2):
+    """--bench: clips per second and core of the pretraining loader (decode, sample, the distillation transform and
+    mask, collate), one process, one thread, on the list's files and on copies that prepare() makes in a temporary
+    folder, at num_sample 1 and at num_sample. The first configuration is also timed with the whole video decoded
+    first (the slow reference). Configurations take turns video by video, so that a busy machine slows all alike.
+    -> one dict per configuration."""
+    torch.set_num_threads(1)  # the decoder's threads follow torch's (_video_stream)
+    with tempfile.TemporaryDirectory() as folder:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+            prepared = prepare(data_path, data_root, folder)
+        configs = [dict(files=files, num_sample=r, decode_all=decode_all, dataset=VideoDataset(
+                       *lists, mode="pretrain", num_frames=16, sampling_rate=4, input_size=224, num_sample=r))
+                   for files, lists in (("original", (data_path, data_root)), ("prepared", (prepared, folder)))
+                   for r in (1, num_sample) for decode_all in ((False, True) if files == "original" and r == 1
+                                                               else (False,))]
+        configs[1]["dataset"].reader = functools.partial(read_frames, decode_all=True)
+        seconds, clips = [0.0] * len(configs), [0] * len(configs)
+        for i in range(-1, num_clips):  # -1: a warm-up round, not timed
+            for k, config in enumerate(configs):
+                if clips[k] < num_clips:
+                    dataset, begin = config["dataset"], time.perf_counter()
+                    collate_samples([dataset[(max(i, 0) % len(dataset), max(i, 0) // len(dataset))]])
+                    seconds[k] += (time.perf_counter() - begin) * (i >= 0)
+                    clips[k] += config["num_sample"] * (i >= 0)
+    rates = [round(n / t, 2) for n, t in zip(clips, seconds)]
+    lines = [dict(files=c["files"], num_sample=c["num_sample"], clips_per_s_per_core=rate)
+             for c, rate in zip(configs, rates) if not c["decode_all"]]
+    lines[0].update(clips_per_s=rates[0], decode_all_clips_per_s=rates[1])
+    return lines
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Data pipeline of MVD-minimal; --bench measures its speed.")
-    parser.add_argument("--bench", action="store_true", help="print one JSON line of clips/s")
-    parser.add_argument("--data_path", help="video list to benchmark on; default: generated 10-s 340x256 videos")
+    parser = argparse.ArgumentParser(description="Data pipeline of MVD-minimal: --prepare re-encodes a data set for "
+                                                 "training, --bench measures the loader, --synthetic writes the demo set.")
+    parser.add_argument("--prepare", metavar="OUT_DIR", help="re-encode every video of --data_path into OUT_DIR for "
+                        "training, with a list of the copies and the same labels there (the originals are not "
+                        "touched; run it again after an interruption: finished copies are kept)")
+    parser.add_argument("--short_side", type=int, default=320, help="--prepare: the copies' short side at most (never "
+                        "enlarged). The pretraining crop takes 0.66-1 of the short side and resizes it to 224 px, so 320 "
+                        "(VideoMAE's and MVD's Kinetics) keeps every crop at 211 px or more; more is decoded, not seen")
+    parser.add_argument("--keyframe_interval", type=int, default=32, help="--prepare: frames from one keyframe to the "
+                        "next. A clip decodes from the keyframe before it: at 32, a clip of 16 frames 4 apart (61 frames)"
+                        " reads 16 frames before it on average, 4 of them references, where x264's default of 250 "
+                        "makes it read ~125")
+    parser.add_argument("--crf", type=int, default=18, help="--prepare: x264's quality, lower is better and larger (18: "
+                        "40-44 dB PSNR against the original on smooth footage)")
+    parser.add_argument("--num_workers", type=int, help="--prepare: processes (default: one per core)")
+    parser.add_argument("--bench", action="store_true", help="print JSON lines of clips/s per core of the loader")
+    parser.add_argument("--data_path", help="video list to prepare or benchmark on; --bench's default: generated "
+                                            "10-s 340x256 videos")
     parser.add_argument("--data_root", default="", help="directory the list's paths are relative to")
-    parser.add_argument("--num_clips", type=int, default=40, help="clips timed per reading method")
+    parser.add_argument("--bench_set", choices=["low", "high"], default="low",
+                        help="without --data_path: low- or high-bitrate generated videos (data.benchmark_set)")
+    parser.add_argument("--num_clips", type=int, default=40, help="clips timed per configuration")
+    parser.add_argument("--num_sample", type=int, default=2, help="clips per decoded video timed beside 1")
     parser.add_argument("--synthetic", metavar="ROOT", help="write the synthetic set (the stages' default) to ROOT")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
     parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
     parser.add_argument("--synthetic_val", type=float, default=0.25, help="fraction of them held out in val.csv")
     args = parser.parse_args()
-    if not (args.bench or args.synthetic):
-        parser.error("nothing to do: pass --bench or --synthetic ROOT")
+    if not (args.bench or args.synthetic or args.prepare):
+        parser.error("nothing to do: pass --prepare OUT_DIR, --bench or --synthetic ROOT")
+    if args.prepare and not args.data_path:
+        parser.error("--prepare needs --data_path: the list of videos to prepare (and --data_root if it is relative)")
+    if args.prepare:
+        try:
+            prepare(args.data_path, args.data_root, args.prepare, args.short_side, args.keyframe_interval, args.crf,
+                    args.num_workers)
+        except ValueError as e:
+            sys.exit(f"data.py: error: {e}")
     if args.synthetic:
         print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
                                             val_fraction=args.synthetic_val)))
     if args.bench:
         lists = (args.data_path, args.data_root) if args.data_path else benchmark_set(
-            os.path.join(tempfile.gettempdir(), "mvd_bench_videos"))
-        print(json.dumps(benchmark(*lists, args.num_clips)))
+            os.path.join(tempfile.gettempdir(), "mvd_bench_videos"), args.bench_set)
+        for line in benchmark(*lists, args.num_clips, args.num_sample):
+            print(json.dumps(line), flush=True)

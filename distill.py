@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (FLOP_FORMULAS, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
-                   bench_steps, fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours,
-                   read_checkpoint, resume, save_checkpoint, save_training_state, saved_args, setup_distributed,
-                   to_pixels, train_one_epoch, trained_checkpoint, training_step)
+from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
+                   add_training_flags, bench_steps, clips_per_video, fill_defaults, load_checkpoint, paint_tokens,
+                   param_groups, pca_colours, read_checkpoint, resume, save_checkpoint, save_training_state,
+                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -53,6 +53,7 @@ def get_args(argv=None):
     p.add_argument("--norm_feature", action=argparse.BooleanOptionalAction, default=False,
                    help="LayerNorm (no affine) on each teacher feature (off in the official scripts)")
     p.add_argument("--data_path", help="video list ('path label' lines); omitted: the synthetic demo set")
+    p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, "output/distill", drop_path=0.1)
     args = p.parse_args(argv)
     fill_defaults(args, OFFICIAL if args.data_path else DEMO)
@@ -134,9 +135,10 @@ def main(args):
                      drop_path=args.drop_path, use_checkpoint=args.use_checkpoint, depth=args.depth).to(env.device)
     model = raw  # DDP-wrapped below, once the checkpoint is restored
 
-    def loss_fn(batch):
-        video, mask = batch["video"].to(env.device, non_blocking=True), batch["mask"].to(env.device, non_blocking=True)
-        teacher_video = batch["teacher_video"].to(env.device) if "teacher_video" in batch else video
+    def loss_fn(batch):  # clips come as uint8 and are normalized here, on the device
+        video = data.normalize(batch["video"].to(env.device, non_blocking=True))  # (B, 3, T, H, W)
+        mask = batch["mask"].to(env.device, non_blocking=True)
+        teacher_video = data.normalize(batch["teacher_video"].to(env.device)) if "teacher_video" in batch else video
         preds = dict(zip(("img", "vid"), model(video, mask)))
         losses = {name: mvd_loss(preds[name], teacher_features(t, teacher_video, args.norm_feature), mask,
                                  args.distill_loss_func) for name, t in teachers.items()}
@@ -156,12 +158,14 @@ def main(args):
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
                                 teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
-                                patch_size=args.patch_size, seed=args.seed, output_dir=args.output_dir,
+                                patch_size=args.patch_size, num_sample=args.num_sample, seed=args.seed,
+                                output_dir=args.output_dir,
                                 max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
-    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
-    total_batch = args.batch_size * args.update_freq * env.world_size
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases, norms,
+    # tokens
+    total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
@@ -169,8 +173,8 @@ def main(args):
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
-              f"({env.world_size} x {args.batch_size} x {args.update_freq}), lr {args.lr:.3g}, "
-              f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
+              f"({env.world_size} x {args.batch_size} x {args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, "
+              f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch", flush=True)
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'
     # loads into the official MVD student
     for epoch in range(start.epoch, args.epochs):
@@ -227,10 +231,11 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     from torch.utils.flop_counter import FlopCounterMode
     B, S, T = args.batch_size, args.input_size, args.num_frames
     grid = (T // 2, S // args.patch_size, S // args.patch_size)
-    batch = {"video": torch.randn(B, 3, T, S, S), "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())}
-    batch["mask"] = batch["mask"][None].expand(B, -1)
+    batch = {"video": torch.randint(256, (B, 3, T, S, S), dtype=torch.uint8),
+             "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
     if args.teacher_input_size != S:
-        batch["teacher_video"] = torch.randn(B, 3, T, args.teacher_input_size, args.teacher_input_size)
+        batch["teacher_video"] = torch.randint(256, (B, 3, T, args.teacher_input_size, args.teacher_input_size),
+                                               dtype=torch.uint8)
     batch = {k: v.to(env.device) for k, v in batch.items()}  # on the device once: the step is what is timed
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
     step = training_step(env, lambda: loss_fn(batch)[0], optimizer)

@@ -222,8 +222,7 @@ def main(args):
     mix = data.mixup_cutmix(nb_classes, args.mixup, args.cutmix, args.smoothing)
 
     def loss_fn(batch):  # soft-target cross entropy on mixed clips, as the official (timm's SoftTargetCrossEntropy)
-        video = batch["video"].to(env.device, non_blocking=True).flatten(0, 1)  # (B, n, 3, T, H, W) -> (B*n, 3, ...)
-        labels = batch["label"].to(env.device).repeat_interleave(args.num_sample)  # the n copies share a label
+        video, labels = batch["video"].to(env.device, non_blocking=True), batch["label"].to(env.device)  # B x n clips
         video, targets = mix(video, labels)
         return F.cross_entropy(model(video).float(), targets), {}
 
@@ -285,7 +284,7 @@ def main(args):
     if env.is_main:
         print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
               f"batch {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
-              f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch")
+              f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch", flush=True)
     # 5. Loop: evaluation every --eval_freq epochs and after the last, then the epoch's log line and checkpoint (a run
     # killed during an evaluation resumes from a checkpoint inside the epoch and evaluates once, after its last step)
     for epoch in range(start.epoch, args.epochs):
@@ -324,8 +323,8 @@ def bench(args, env, model, loss_fn, nb_classes):
     """Fine-tuning steps on random clips (no data loading, mixup included): one JSON line."""
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay, model.depth), lr=1e-4)
     B, S, T = args.batch_size, args.input_size, args.num_frames
-    batch = {"video": torch.randn(B, args.num_sample, 3, T, S, S, device=env.device),
-             "label": torch.randint(nb_classes, (B,), device=env.device)}
+    batch = {"video": torch.randn(B * args.num_sample, 3, T, S, S, device=env.device),
+             "label": torch.randint(nb_classes, (B,), device=env.device).repeat_interleave(args.num_sample)}
 
     step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
 

@@ -49,6 +49,19 @@ def vit_config(size, **overrides):
 
 
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
+NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places of the video (one in each "
+                   "of R equal parts; the image MAE: R frames, or R crops of an image), each with its own crop and "
+                   "mask. A step then sees batch_size x R clips per process and the lr scales with clips (processes "
+                   "x batch_size x R x update_freq / 256); an epoch still reads every video once (steps per epoch "
+                   "count videos). One video decoded for R clips: the loader delivers more clips per core (python "
+                   "data.py --bench)")
+
+
+def clips_per_video(args):
+    """' x R clips per video' for the total batch's line where --num_sample R > 1, else ''."""
+    return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
+
+
 def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, lr_note="",
                        absolute_min_lr=False):
     """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
@@ -825,6 +838,10 @@ def resume(args, env, model, optimizer):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
     mid_epoch = "step" in state  # written inside an epoch, else at its end
+    recorded = saved_args(state).get("num_sample", args.num_sample)
+    if recorded != args.num_sample:  # other clips per video: other samples, another lr
+        raise ValueError(f"{path} was trained with --num_sample {recorded}: pass --num_sample {recorded} to continue "
+                         "it, or --no-auto_resume to start over")
     total_batch = args.batch_size * args.update_freq * env.world_size
     if mid_epoch and state["total_batch"] != total_batch:  # the steps left would see other samples
         raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of {state['total_batch']}, "

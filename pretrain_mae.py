@@ -15,9 +15,10 @@ import sys
 import torch
 
 import data
-from model import (VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, fill_defaults,
-                   load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
-                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step, unpatchify)
+from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
+                   clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume,
+                   save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint,
+                   training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -43,6 +44,7 @@ def get_args(argv=None):
                         "--no-normlize_target: the 0-1 pixels, for data whose flat regions would be normalized noise")
     p.add_argument("--data_path", help="video list ('path label' lines) or, for --mode image, an image folder; "
                                        "omitted: the synthetic demo set")
+    p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, None)
     args = p.parse_args(argv)
     fill_defaults(args, OFFICIAL if args.data_path else DEMO)
@@ -89,8 +91,9 @@ def main(args):
     if args.visualize:
         return visualize(args, env, raw, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
-    common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size, seed=args.seed,
-                  output_dir=args.output_dir, max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
+    common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
+                  num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
+                  max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     if video:
         dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                     sampling_rate=args.sampling_rate, mask_type=args.mask_type, **common)
@@ -99,7 +102,7 @@ def main(args):
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
-    total_batch = args.batch_size * args.update_freq * env.world_size
+    total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size  # clips (or images)
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
@@ -107,12 +110,14 @@ def main(args):
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:
         print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
-              f"{args.update_freq}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch")
+              f"{args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} "
+              "steps per epoch", flush=True)  # flushed before the loader's workers fork, or they print it again
 
-    def loss_fn(batch):
+    def loss_fn(batch):  # clips and images come as uint8 and are normalized here, on the device
+        mask = batch["mask"].to(env.device, non_blocking=True)
         if video:
-            return model(batch["video"].to(env.device), batch["mask"].to(env.device))[0], {}
-        return model(batch["image"].to(env.device), mask=batch["mask"].to(env.device))[0], {}
+            return model(data.normalize(batch["video"].to(env.device, non_blocking=True)), mask)[0], {}
+        return model(data.normalize(batch["image"].to(env.device, non_blocking=True)), mask=mask)[0], {}
 
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
     for epoch in range(start.epoch, args.epochs):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import warnings
 from types import SimpleNamespace
@@ -1141,6 +1142,49 @@ class TestReading(unittest.TestCase):
                     self.assertEqual(tuple(got.shape), (1, height, width, 3))
                     self.check_video(path, 60)
 
+    def test_clips_far_apart_decode_from_the_keyframe_before_each(self):
+        path = os.path.join(TMP, "far_apart.mp4")
+        data.write_video(path, numbered_frames(120, 32, 56), options={"g": "10", "bf": "0"})  # every frame a reference
+        decoded = []
+        real_open = data.av.open
+
+        class Counting:  # a container whose packets count the frames they decode
+            def __init__(self, container):
+                self.container = container
+
+            def __getattr__(self, name):
+                return getattr(self.container, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.container.__exit__(*exc)
+
+            def demux(self, *args, **kwargs):
+                for packet in self.container.demux(*args, **kwargs):
+                    yield Packet(packet)
+
+        class Packet:
+            def __init__(self, packet):
+                self.packet = packet
+
+            def __getattr__(self, name):
+                return getattr(self.packet, name)
+
+            def decode(self):
+                frames = self.packet.decode()
+                decoded.extend(frames)
+                return frames
+
+        wanted = [2, 4, 6, 8, 92, 94, 96, 98]
+        with mock.patch.object(data.av, "open", lambda *a, **k: Counting(real_open(*a, **k))):
+            got = data.read_frames(path, wanted)
+        self.assertEqual(frame_numbers(got), wanted)
+        self.assertTrue(torch.equal(got, data.read_frames(path, range(120), decode_all=True)[wanted]))
+        # from keyframe 0 to 8 and from keyframe 90 to 98: 18 frames, not the 99 from 0 to 98 (+1 read for the origin)
+        self.assertLessEqual(len(decoded), 20)
+
     def test_callable_indices_get_the_frame_count(self):
         path = os.path.join(TMP, "callable.mp4")
         data.write_video(path, numbered_frames(30, 32, 56), options={"g": "8"})
@@ -1161,6 +1205,25 @@ class TestSampling(unittest.TestCase):
         self.assertEqual(starts, set(range(0, 88)))  # every start from 0 to 100 - 13, and only those
         self.assertEqual(data.clip_indices(10, 4, 4), [0, 4, 8, 9])  # short: repeat the last frame
         self.assertEqual(data.clip_indices(13, 4, 4), [0, 4, 8, 12])  # exactly the span: one possible start
+
+    def test_repeated_clips_start_in_equal_parts_of_the_video(self):
+        torch.manual_seed(5)
+        one = data.clip_indices(100, 4, 4)
+        torch.manual_seed(5)
+        start = int(torch.randint(88, ()))
+        self.assertEqual(one, [start + 4 * i for i in range(4)])  # one clip: the same draw as before repeated clips
+        torch.manual_seed(0)
+        starts = [set(), set(), set()]
+        for _ in range(3000):
+            indices = data.clip_indices(100, 4, 4, num_clips=3)  # 88 starts, 0..87, cut at 29 and 58
+            for k, clip in enumerate(zip(*[iter(indices)] * 4)):
+                self.assertEqual(list(clip), [clip[0] + 4 * i for i in range(4)])
+                starts[k].add(clip[0])
+        self.assertEqual(starts, [set(range(0, 29)), set(range(29, 58)), set(range(58, 88))])
+        for _ in range(20):  # fewer starts than clips: every clip still starts where one can
+            indices = data.clip_indices(14, 4, 4, num_clips=3)
+            self.assertEqual([indices[0], indices[4], indices[8]], [0, 0, 1])
+        self.assertEqual(data.clip_indices(3, 2, 0, num_clips=3), [0, 0, 1, 1, 2, 2])  # one frame each, repeated
 
     def test_dense_testing(self):
         # 25 frames at stride 4 (0, 4, ..., 96); 3 windows of 4 of them, starting at 0, 10 and 21
@@ -1247,7 +1310,9 @@ class TestTransforms(DatasetCase):
             self.assertEqual(tuple(sample["video"].shape), (3, 4, 32, 32))
             self.assertEqual(tuple(sample["teacher_video"].shape), (3, 4, 64, 64))
             self.assertEqual(tuple(sample["mask"].shape), (2 * 2 * 2,))
-            student, teacher = sample["video"], F.avg_pool3d(sample["teacher_video"], (1, 2, 2))
+            self.assertEqual((sample["video"].dtype, sample["teacher_video"].dtype), (torch.uint8, torch.uint8))
+            student = data.normalize(sample["video"], 0)  # what the stage does on its device, here channels first
+            teacher = F.avg_pool3d(data.normalize(sample["teacher_video"], 0), (1, 2, 2))
             error = (student - teacher).abs().mean()
             shifted = (student.roll(1, -1) - teacher).abs().mean()  # a region 1 px away, for scale
             self.assertLess(error, 0.1)
@@ -1266,11 +1331,12 @@ class TestTransforms(DatasetCase):
 
     def test_finetune_samples(self):
         dataset = self.dataset(mode="train", num_sample=2)
-        sample = dataset[(4, 0)]
-        self.assertEqual(tuple(sample["video"].shape), (2, 3, 4, 32, 32))
-        self.assertEqual((sample["label"], sample["index"]), (1, 4))
-        self.assertFalse(torch.equal(sample["video"][0], sample["video"][1]))  # two augmentations of one clip
-        self.assertTrue(torch.equal(sample["video"], dataset[(4, 0)]["video"]))
+        samples = dataset[(4, 0)]  # a list: num_sample augmented copies of one clip
+        self.assertEqual([tuple(s["video"].shape) for s in samples], [(3, 4, 32, 32)] * 2)
+        self.assertEqual([(s["label"], s["index"]) for s in samples], [(1, 4)] * 2)
+        self.assertFalse(torch.equal(samples[0]["video"], samples[1]["video"]))  # two augmentations of one clip
+        self.assertTrue(all(torch.equal(a["video"], b["video"]) for a, b in zip(samples, dataset[(4, 0)])))
+        self.assertEqual(tuple(self.dataset(mode="train", num_sample=1)[(4, 0)]["video"].shape), (3, 4, 32, 32))
 
     def test_crop_scale_is_the_smallest_crop_area(self):
         # a frame whose value is its column: the crop's width, as a fraction of the frame's, is the span of the values
@@ -1299,7 +1365,7 @@ class TestTransforms(DatasetCase):
             indices = [[0, 2, 4, 6], [12, 14, 16, 18]][view // 3]
             frames = data.read_frames(dataset.items[video][0], indices).permute(0, 3, 1, 2)
             left = 8 * (view % 3)
-            expected = data.normalize(frames[..., left:left + 48])
+            expected = data.normalize(frames[..., left:left + 48]).transpose(0, 1)  # (3, T, 48, 48)
             self.assertTrue(torch.allclose(sample["video"], expected, atol=1e-5), item)
 
     def test_test_views_of_a_portrait_video(self):
@@ -1312,7 +1378,7 @@ class TestTransforms(DatasetCase):
         resized = data.v2.functional.resize(decoded, [24], antialias=True)
         self.assertEqual(tuple(resized.shape[-2:]), (40, 24))
         for view, top in enumerate((0, 8, 16)):
-            expected = data.normalize(resized[..., top:top + 24, :])
+            expected = data.normalize(resized[..., top:top + 24, :]).transpose(0, 1)
             self.assertTrue(torch.allclose(dataset[(view, 0)]["video"], expected, atol=1e-5), view)
 
 
@@ -1420,6 +1486,200 @@ class TestLoader(DatasetCase):
             self.assertTrue(torch.equal(merged["mask"][order], batch["mask"][batch["index"].argsort()]))
 
 
+class TestRepeatedSampling(DatasetCase):
+    """--num_sample R in pretraining: R clips of one video, read in one pass, each with its own crop and mask."""
+
+    def recorded(self, dataset):
+        """The dataset, its reader recording the frame indices it is asked for. -> (dataset, calls)."""
+        calls = []
+
+        def reader(path, indices):
+            wanted = indices(data.video_num_frames(path))
+            calls.append(wanted)
+            return data.read_frames(path, wanted)
+
+        dataset.reader = reader
+        return dataset, calls
+
+    def test_clips_of_one_video_at_their_own_places_with_their_own_crops_and_masks(self):
+        dataset, calls = self.recorded(self.dataset(mode="pretrain", num_sample=2, input_size=32))
+        for epoch in range(8):
+            samples = dataset[(3, epoch)]
+            self.assertEqual(len(samples), 2)
+            self.assertEqual(len(calls), epoch + 1)  # one read of the video for both clips
+            first, second = calls[-1][:4], calls[-1][4:]  # 20 frames, clips of 4 frames 2 apart: 14 starts, 7 + 7
+            self.assertTrue(0 <= first[0] < 7 <= second[0] < 14, calls[-1])
+            self.assertEqual([first[0] + 2 * i for i in range(4)], first)
+            for sample in samples:
+                self.assertEqual((tuple(sample["video"].shape), sample["video"].dtype), ((3, 4, 32, 32), torch.uint8))
+                self.assertEqual((tuple(sample["mask"].shape), sample["index"]), ((8,), 3))
+        masks = {tuple(s["mask"].tolist()) for e in range(8) for s in dataset[(3, e)]}
+        self.assertGreater(len(masks), 2)  # each clip draws its own mask
+        again = self.dataset(mode="pretrain", num_sample=2, input_size=32)[(3, 5)]  # (seed, epoch, index) decides
+        for a, b in zip(dataset[(3, 5)], again):
+            self.assertTrue(torch.equal(a["video"], b["video"]) and torch.equal(a["mask"], b["mask"]))
+
+    def test_a_batch_holds_every_clip_and_two_ranks_see_what_one_sees(self):
+        def batches(world_size, rank, batch_size):
+            loader = data.make_loader(self.dataset(mode="pretrain", num_sample=3), batch_size, rank=rank,
+                                      world_size=world_size, num_workers=0)
+            loader.sampler.set_epoch(1)
+            return list(loader)
+
+        one = batches(1, 0, 2)
+        self.assertEqual(len(one), 3)  # 6 videos, 2 a step: steps count videos
+        self.assertEqual(tuple(one[0]["video"].shape), (6, 3, 4, 32, 32))  # 2 videos x 3 clips
+        for batch in one:
+            self.assertEqual(batch["index"][::3].repeat_interleave(3).tolist(), batch["index"].tolist())
+        ranks = [batches(2, r, 1) for r in range(2)]
+        for step, batch in enumerate(one):
+            merged = {k: torch.cat([r[step][k] for r in ranks]) for k in ("index", "video", "mask")}
+            order, want = merged["index"].argsort(stable=True), batch["index"].argsort(stable=True)
+            for key in ("index", "video", "mask"):
+                self.assertTrue(torch.equal(merged[key][order], batch[key][want]), key)
+
+    def test_image_mae_takes_frames_from_equal_parts_of_a_video_or_crops_of_an_image(self):
+        dataset, calls = self.recorded(data.ImageDataset(self.list, self.dir, input_size=32, num_sample=2))
+        for epoch in range(6):
+            samples = dataset[(1, epoch)]
+            self.assertEqual([tuple(s["image"].shape) for s in samples], [(3, 32, 32)] * 2)
+            self.assertEqual(samples[0]["image"].dtype, torch.uint8)
+            self.assertTrue(0 <= calls[-1][0] < 10 <= calls[-1][1] < 20, calls[-1])  # one frame in each half
+        self.assertEqual(len(calls), 6)
+        folder = os.path.join(self.dir, "images", "a")
+        os.makedirs(folder, exist_ok=True)
+        _d_write_ppm(os.path.join(folder, "x.ppm"), smooth_frames(1, 40, 40)[0])
+        crops = data.ImageDataset(os.path.join(self.dir, "images"), input_size=32, num_sample=3)[(0, 0)]
+        self.assertEqual(len(crops), 3)
+        self.assertFalse(torch.equal(crops[0]["image"], crops[1]["image"]))  # three crops of the one image
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio of two uint8 tensors, in dB."""
+    return 10 * math.log10(255 ** 2 / ((a.double() - b.double()) ** 2).mean().item())
+
+
+def luma(frames):
+    """(N, H, W, 3) RGB -> (N, H, W) luma (BT.601), float64."""
+    return frames.double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+
+
+class TestPrepare(unittest.TestCase):
+    """python data.py --prepare: copies for training, short keyframe intervals, the same frames and labels."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.src = tempfile.mkdtemp(dir=TMP)
+        videos = {"a/numbers.mp4": (numbered_frames(70, 48, 64), "libx264", {}),  # x264's defaults: one keyframe
+                  "b/smooth.webm": (smooth_frames(40, 96, 128), "libvpx-vp9", {"crf": "20", "b": "0"}),
+                  "c/odd.avi": (smooth_frames(30, 38, 50, seed=2), "mpeg4", {"b": "2M"})}
+        for name, (frames, codec, options) in videos.items():
+            os.makedirs(os.path.join(cls.src, os.path.dirname(name)), exist_ok=True)
+            data.write_video(os.path.join(cls.src, name), frames, fps=24, codec=codec, options=options)
+        with open(os.path.join(cls.src, "broken.mp4"), "wb") as f:
+            f.write(b"not a video")
+        cls.list = write_list(os.path.join(cls.src, "train.csv"), ["a/numbers.mp4 0", "b/smooth.webm 1", "broken.mp4 2",
+                                                                   "c/odd.avi 3", "gone.mp4 4", "a/numbers.mp4,5"])
+
+    def prepare(self, out, **changes):
+        options = {**dict(short_side=48, keyframe_interval=8, crf=18, num_workers=2), **changes}
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            new_list = data.prepare(self.list, self.src, out, **options)
+        return new_list, printed.getvalue()
+
+    def test_copies_have_the_frames_labels_and_keyframes_asked_for(self):
+        originals = {name: open(os.path.join(self.src, name), "rb").read() for name in ("a/numbers.mp4", "b/smooth.webm")}
+        out = os.path.join(TMP, "prepared")
+        new_list, printed = self.prepare(out)
+        self.assertEqual(new_list, os.path.join(out, "train.csv"))
+        self.assertEqual(data.read_list(new_list), [("a/numbers.mp4", 0), ("b/smooth.mp4", 1), ("c/odd.mp4", 3),
+                                                    ("a/numbers.mp4", 5)])
+        with open(os.path.join(out, "unreadable.txt")) as f:
+            self.assertEqual(sorted(line.split("\t")[0] for line in f), [os.path.join(self.src, "broken.mp4"),
+                                                                         os.path.join(self.src, "gone.mp4")])
+        self.assertIn("4 of 6 videos, 2 left out", printed)
+        for name, copy, size in (("a/numbers.mp4", "a/numbers.mp4", (48, 64)), ("b/smooth.webm", "b/smooth.mp4", (48, 64)),
+                                 ("c/odd.avi", "c/odd.mp4", (38, 50))):
+            original = data.read_frames(os.path.join(self.src, name), range(100), decode_all=True)
+            n = data.video_num_frames(os.path.join(self.src, name))
+            frames = data.read_frames(os.path.join(out, copy), range(n), decode_all=True)  # (n, H, W, 3)
+            self.assertEqual(data.video_num_frames(os.path.join(out, copy)), n, name)
+            self.assertEqual(tuple(frames.shape[1:3]), size, name)  # short side at most 48, never enlarged
+            resized = v2.functional.resize(original[:n].permute(0, 3, 1, 2), list(size), antialias=True)
+            resized = resized.permute(0, 2, 3, 1)  # the original's frames resized by torchvision: their brightness is
+            self.assertGreater(psnr(luma(frames), luma(resized)), 35, name)  # the copy's (4:2:0 halves the colour)
+            if size == tuple(original.shape[1:3]):
+                self.assertGreater(psnr(frames, original[:n]), 35, name)  # not resized: every channel
+            with data.av.open(os.path.join(out, copy)) as container:
+                keyframes = [i for i, p in enumerate(container.demux(video=0)) if p.is_keyframe]
+            self.assertTrue(keyframes[0] == 0 and max(np.diff(keyframes + [n])) <= 8, (name, keyframes))
+        self.assertEqual(frame_numbers(data.read_frames(os.path.join(out, "a/numbers.mp4"), range(70))), list(range(70)))
+        for name, content in originals.items():  # the originals are not touched
+            self.assertEqual(open(os.path.join(self.src, name), "rb").read(), content)
+        # run again: finished copies are kept, the unreadable ones tried again; a half-written file never counts
+        mtimes = {copy: os.path.getmtime(os.path.join(out, copy)) for copy in ("a/numbers.mp4", "b/smooth.mp4")}
+        os.unlink(os.path.join(out, "c/odd.mp4"))
+        with open(os.path.join(out, "c/odd.mp4.part"), "wb") as f:
+            f.write(b"half a file")  # what a run killed while writing leaves
+        _, printed = self.prepare(out)
+        self.assertIn("preparing 3 of 5 videos", printed)  # odd.avi, broken.mp4, gone.mp4
+        self.assertEqual({c: os.path.getmtime(os.path.join(out, c)) for c in mtimes}, mtimes)
+        self.assertEqual(data.video_num_frames(os.path.join(out, "c/odd.mp4")), 30)
+        self.assertFalse(os.path.exists(os.path.join(out, "c/odd.mp4.part")))
+        with self.assertRaisesRegex(ValueError, "other settings"):  # copies of other settings are not mixed in
+            self.prepare(out, keyframe_interval=16)
+
+    def test_killed_in_the_middle_and_run_again(self):
+        src = tempfile.mkdtemp(dir=TMP)
+        for i in range(24):
+            data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(48, 64, 64, seed=i))
+        lst = write_list(os.path.join(src, "all.csv"), [f"{i}.mp4 {i % 3}" for i in range(24)])
+        out = os.path.join(src, "prepared")
+        command = [sys.executable, "data.py", "--prepare", out, "--data_path", lst, "--data_root", src,
+                   "--num_workers", "1", "--keyframe_interval", "16"]
+        process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        while process.poll() is None and not (os.path.isdir(out) and any(f.endswith(".mp4") for f in os.listdir(out))):
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)  # the process and its worker, writing the second copy or so
+        process.wait()
+        done = sorted(f for f in os.listdir(out) if f.endswith(".mp4"))
+        self.assertLess(len(done), 24)
+        self.assertFalse(os.path.exists(os.path.join(out, "all.csv")))  # the list is written last
+        for name in done:  # whatever has its final name is whole
+            self.assertEqual(data.video_num_frames(os.path.join(out, name)), 48, name)
+            self.assertEqual(len(data.read_frames(os.path.join(out, name), range(48), decode_all=True)), 48)
+        rerun = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
+        self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+        self.assertIn(f"preparing {24 - len(done)} of 24 videos", rerun.stdout)
+        self.assertEqual(data.read_list(os.path.join(out, "all.csv")), [(f"{i}.mp4", i % 3) for i in range(24)])
+        self.assertEqual(sorted(f for f in os.listdir(out) if not f.endswith(".mp4")),
+                         ["all.csv", "prepare.json", "unreadable.txt"])
+        for i in range(24):
+            self.assertEqual(data.video_num_frames(os.path.join(out, f"{i}.mp4")), 48)
+
+    def test_cli_needs_a_list(self):
+        cli = subprocess.run([sys.executable, "data.py", "--prepare", os.path.join(TMP, "nowhere")], cwd=HERE,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(cli.returncode, 2)
+        self.assertIn("--prepare needs --data_path", cli.stderr)
+
+    def test_bench_prints_a_line_per_configuration(self):
+        src = tempfile.mkdtemp(dir=TMP)
+        for i in range(2):
+            data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(70, 64, 80, seed=i))
+        lst = write_list(os.path.join(src, "all.csv"), ["0.mp4 0", "1.mp4 0"])
+        with contextlib.redirect_stderr(io.StringIO()):
+            lines = data.benchmark(lst, src, num_clips=4, num_sample=2)
+        self.assertEqual([(line["files"], line["num_sample"]) for line in lines],
+                         [("original", 1), ("original", 2), ("prepared", 1), ("prepared", 2)])
+        self.assertEqual(sorted(lines[0]), ["clips_per_s", "clips_per_s_per_core", "decode_all_clips_per_s", "files",
+                                            "num_sample"])
+        self.assertEqual(lines[0]["clips_per_s"], lines[0]["clips_per_s_per_core"])
+        self.assertTrue(all(line["clips_per_s_per_core"] > 0 for line in lines))
+
+
 class Numbers(torch.utils.data.Dataset):
     """Items 0..n-1 as {"index", "epoch"}; the items read are recorded (in this process when num_workers=0)."""
 
@@ -1498,7 +1758,7 @@ class TestCachedReader(DatasetCase):
             plain, cached = self.dataset(**case), self.dataset(cache_videos=True, **case)
             self.assertIsInstance(cached.reader, data.CachedReader)
             for epoch, index in itertools.product(range(2), range(len(plain))):
-                a, b = plain[(index, epoch)], cached[(index, epoch)]
+                a, b = data.collate_samples([plain[(index, epoch)]]), data.collate_samples([cached[(index, epoch)]])
                 for key in a:
                     self.assertTrue(torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), (case, key))
         images = [data.ImageDataset(self.list, self.dir, input_size=32, cache_videos=c) for c in (False, True)]
@@ -1973,6 +2233,23 @@ class TestPretrainMAE(unittest.TestCase):
         assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
         self.assertEqual(read_log(os.path.join(self.tmp, "resume_a")), read_log(folder))
 
+    def test_num_sample_2_in_both_modes_counts_clips_and_resumes_bit_for_bit(self):
+        for mode in ("video", "image"):
+            opts = dict(mode=mode, epochs=2, batch_size=2, num_sample=2, blr=0.064, save_every_steps=1)
+            with mock.patch.object(data, "normalize", wraps=data.normalize) as normalize:
+                (_, printed), reads = killed_and_restarted(
+                    lambda: run_stage(pretrain_mae, self.options(f"rs_{mode}_a", **opts)), [])
+            self.assertIn("total batch 4 (1 x 2 x 1 x 2 clips per video), lr 0.001", printed)  # 0.064 x 4 / 256
+            self.assertIn("8 steps per epoch", printed)  # 16 videos, 2 a step
+            self.assertEqual(len(reads), 32, mode)  # each video read once an epoch, for both of its clips (frames)
+            self.assertEqual(normalize.call_args_list[0].args[0].shape[0], 4, mode)  # 2 videos x 2 clips a step
+            killed_and_restarted(lambda: run_stage(pretrain_mae, self.options(f"rs_{mode}_b", **opts)), [3, 11, 6])
+            a, b = (training_checkpoint(self, os.path.join(self.tmp, f"rs_{mode}_{x}")) for x in "ab")
+            self.assertEqual(optimizer_steps(a), 16.0)
+            assert_identical(self, a, b)
+            with self.assertRaisesRegex(ValueError, "trained with --num_sample 2: pass --num_sample 2"):
+                run_stage(pretrain_mae, self.options(f"rs_{mode}_a", **{**opts, "num_sample": 1, "epochs": 3}))
+
     def test_killed_between_log_line_and_checkpoint_logs_each_epoch_once(self):
         opts = dict(epochs=2, lr=1e-3)
         folder = os.path.join(self.tmp, "log_once")
@@ -2209,14 +2486,14 @@ class TestDistill(unittest.TestCase):
 
             def record(i, loss, logs, batch, student):  # before the optimizer step: the same student weights
                 with torch.no_grad():
-                    seen.append((loss.item(), dict(logs), batch, student(batch["video"], batch["mask"])))
+                    seen.append((loss.item(), dict(logs), batch, student(data.normalize(batch["video"]), batch["mask"])))
 
             with mock.patch.object(distill, "build_teacher", recording_build), \
                     fixed_batch_loop(distill, 1, record):
                 run_stage(distill, self.options(f"loss_{n}", **case))
             loss, logs, batch, (pred_img, pred_vid) = seen[0]
-            video, mask = batch["video"], batch["mask"]
-            self.assertEqual(tuple(video.shape), (4, 3, 4, 32, 32))
+            video, mask = data.normalize(batch["video"]), batch["mask"]  # uint8 from the loader, normalized by the stage
+            self.assertEqual((tuple(video.shape), batch["video"].dtype), ((4, 3, 4, 32, 32), torch.uint8))
             self.assertEqual(mask.sum(1).tolist(), [6] * 4)  # int(0.9 * 4) = 3 of 4 cells, at both time steps
             # the loaded teachers are the saved ones (size, depth and weights read from the checkpoints)
             self.assertEqual((len(built["image"].blocks), len(built["video"].encoder.blocks)), (1, 1))
@@ -2378,6 +2655,29 @@ class TestDistill(unittest.TestCase):
             self.assertEqual(f.read(), g.read())
         self.assertEqual([r["epoch"] for r in read_log(folder)], [0, 1])
         self.assertFalse([f for f in os.listdir(folder) if ".tmp" in f])
+
+    def test_num_sample_2_counts_clips_in_the_batch_videos_in_the_epoch_and_resumes_bit_for_bit(self):
+        opts = dict(epochs=2, batch_size=2, num_sample=2, blr=0.064, drop_path=0.1, save_every_steps=1)
+        with mock.patch.object(data, "normalize", wraps=data.normalize) as normalize:
+            (whole, printed), reads = killed_and_restarted(lambda: run_stage(distill, self.options("rs_a", **opts)), [])
+        self.assertIn("total batch 4 (1 x 2 x 1 x 2 clips per video), lr 0.001", printed)  # lr = 0.064 x 4 clips / 256
+        self.assertIn("8 steps per epoch", printed)  # 16 videos, 2 a step: steps count videos
+        self.assertEqual(len(reads), 32)  # every video read once an epoch, for both its clips
+        self.assertEqual(tuple(normalize.call_args_list[0].args[0].shape), (4, 3, 4, 32, 32))  # 2 videos x 2 clips
+        (restarted, _), _ = killed_and_restarted(lambda: run_stage(distill, self.options("rs_b", **opts)), [3, 12, 9])
+        a, b = (training_checkpoint(self, os.path.join(self.tmp, name)) for name in ("rs_a", "rs_b"))
+        self.assertEqual(optimizer_steps(a), 16.0)
+        assert_identical(self, a, b)
+        assert_identical(self, whole.state_dict(), restarted.state_dict(), "returned model")
+        self.assertEqual(read_log(os.path.join(self.tmp, "rs_a")), read_log(os.path.join(self.tmp, "rs_b")))
+        # 2 processes of 1 video x 2 clips = 1 process of 2 videos x 2 clips
+        opts.update(epochs=1, drop_path=0.0)  # (drop path draws per rank)
+        ddp = run_ddp("distill.py", self.options("rs_ddp", **{**opts, "batch_size": 1}))
+        self.assertEqual(ddp.returncode, 0, ddp.stderr[-3000:])
+        self.assertIn("total batch 4 (2 x 1 x 1 x 2 clips per video), lr 0.001", ddp.stdout)
+        run_stage(distill, self.options("rs_one", **opts))
+        two, one = (training_checkpoint(self, os.path.join(self.tmp, name)) for name in ("rs_ddp", "rs_one"))
+        self.assertLess(max_weight_diff(self, two["model"], one["model"]), SPLIT_BATCH_TOLERANCE)
 
     def test_same_flags_give_the_same_run_whatever_the_global_rng_state(self):
         run_stage(distill, self.options("seed_a", lr=1e-3, drop_path=0.1), seed=1)
