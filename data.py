@@ -165,16 +165,24 @@ def video_num_frames(path):
         return _frame_count(container, stream) or sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def write_video(path, frames, fps=30, codec="libx264", options=None):
-    """Write uint8 frames (T, H, W, 3) with PyAV; `options` go to the encoder (e.g. {"crf": "18", "g": "12"})."""
-    frames = np.asarray(frames, dtype=np.uint8)
-    with av.open(str(path), "w") as container:
+def write_video(path, frames, fps=30, codec="libx264", options=None, format=None):
+    """Write frames with PyAV as yuv420p, frame i at i / fps: uint8 (H, W, 3) RGB arrays or av.VideoFrames, all of
+    one size; `options` go to the encoder (e.g. {"crf": "18", "g": "12"}). -> the number of frames written."""
+    count = 0
+    with av.open(str(path), "w", format=format) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
-        stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            if not isinstance(frame, av.VideoFrame):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
+            if not count:  # the size of the first frame
+                stream.width, stream.height = frame.width, frame.height
+            frame.pts, frame.time_base = count, 1 / fractions.Fraction(fps)
+            frame.pict_type = av.video.frame.PictureType.NONE  # the encoder chooses (x264 keeps a decoded frame's)
+            container.mux(stream.encode(frame))
+            count += 1
         container.mux(stream.encode())  # flush the encoder's delayed frames
+    return count
 
 
 def read_list(list_path):
@@ -211,8 +219,7 @@ class CachedReader:
     that these share them (copy on write); a file that fails is left out and read (and skipped) as usual."""
 
     def __init__(self, paths=(), num_workers=0):
-        whole = DataLoader(_WholeVideos(sorted(set(paths))), batch_size=None, num_workers=num_workers,
-                           collate_fn=_as_is)
+        whole = in_parallel(_whole_video, sorted(set(paths)), num_workers)
         self.videos = {path: torch.from_numpy(frames) for path, frames in whole if frames is not None}
 
     def __call__(self, path, indices):
@@ -223,22 +230,31 @@ class CachedReader:
         return frames[[min(int(i), len(frames) - 1) for i in wanted]]  # past the end: the last frame, as read_frames
 
 
-class _WholeVideos(Dataset):
-    def __init__(self, paths):
-        self.paths = paths
+def _whole_video(path):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unreadable): pickled, not shared
+    try:
+        return path, read_frames(path, range).numpy()
+    except UNREADABLE:
+        return path, None
+
+
+def in_parallel(fn, items, num_workers):
+    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here)."""
+    return DataLoader(_Map(fn, items), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+
+
+def _as_is(item):  # (a function, not a lambda: picklable whatever the start method of the workers)
+    return item
+
+
+class _Map(Dataset):
+    def __init__(self, fn, items):
+        self.fn, self.items = fn, items
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.items)
 
-    def __getitem__(self, i):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unreadable): pickled, not shared
-        try:
-            return self.paths[i], read_frames(self.paths[i], range).numpy()
-        except UNREADABLE:
-            return self.paths[i], None
-
-
-def _as_is(item):
-    return item
+    def __getitem__(self, i):
+        return self.fn(self.items[i])
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
@@ -646,9 +662,7 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
         for split, in_split in (("train", ~is_val), ("val", is_val)):
             with open(paths[f"{task}_{split}"], "w") as f:
                 f.writelines(f"{names[i]} {labels[i, column]}\n" for i in np.flatnonzero(in_split))
-    with open(marker + ".tmp", "w") as f:  # written last: its presence means the set is complete
-        json.dump(params, f)
-    os.replace(marker + ".tmp", marker)
+    _write_atomically(marker, json.dumps(params))  # written last: its presence means the set is complete
     return paths
 
 
@@ -733,8 +747,8 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name)) for path, name in copy.items()
                    if not os.path.exists(os.path.join(output_dir, name))})
     print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")
-    workers = os.cpu_count() if num_workers is None else num_workers
-    results = DataLoader(_PrepareJobs(jobs, settings), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    results = in_parallel(functools.partial(_prepare_video, **settings), jobs,
+                          os.cpu_count() if num_workers is None else num_workers)
     unreadable, begin = [], time.time()
     shown = begin
     for done, (source, error) in enumerate(results, 1):
@@ -755,55 +769,39 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     return new_list
 
 
-class _PrepareJobs(Dataset):  # a DataLoader over these runs them in parallel worker processes
-    def __init__(self, jobs, settings):
-        self.jobs, self.settings = jobs, settings
-
-    def __len__(self):
-        return len(self.jobs)
-
-    def __getitem__(self, i):  # -> (source, None or why it failed)
-        source, target = self.jobs[i]
-        partial = target + ".part"
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            frames = transcode(source, partial, **self.settings)
-            with av.open(partial, format="mp4") as container:  # verify: every frame decodes
-                if sum(1 for _ in container.decode(video=0)) != frames:
-                    raise ValueError(f"the copy does not decode to the original's {frames} frames")
-            with open(partial, "rb") as f:
-                os.fsync(f.fileno())  # on disk before it takes its final name
-            os.replace(partial, target)
-            return source, None
-        except UNREADABLE as error:
-            if os.path.exists(partial):
-                os.unlink(partial)
-            return source, f"{type(error).__name__}: {error}"
+def _prepare_video(job, **settings):  # -> (source, None or why it failed)
+    source, target = job
+    partial = target + ".part"
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        frames = transcode(source, partial, **settings)
+        with av.open(partial, format="mp4") as container:  # verify: every frame decodes
+            if sum(1 for _ in container.decode(video=0)) != frames:
+                raise ValueError(f"the copy does not decode to the original's {frames} frames")
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes its final name
+        os.replace(partial, target)
+        return source, None
+    except UNREADABLE as error:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        return source, f"{type(error).__name__}: {error}"
 
 
 def transcode(source, target, short_side, keyframe_interval, crf, x264=PREPARE_X264):
     """Write source's frames to target as H.264 in mp4, resized (by swscale, area) to a short side of at most
     short_side with even sides (yuv420p), one frame for each decoded frame at the source's average rate (frame i of
     the copy is frame i of the source). -> the number of frames."""
-    with av.open(source) as container, av.open(target, "w", format="mp4") as output:
+    with av.open(source) as container:
         stream = _video_stream(container, source)
-        rate = fractions.Fraction(stream.average_rate or stream.guessed_rate or 30)
         scale = min(1.0, short_side / min(stream.width, stream.height))
         width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
-        encoder = output.add_stream("libx264", rate=rate, options={**x264, "g": str(keyframe_interval),
-                                                                  "crf": str(crf)})
-        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-        frames = 0
-        for frame in container.decode(stream):
-            frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
-            frame.pts, frame.time_base = frames, 1 / rate
-            frame.pict_type = av.video.frame.PictureType.NONE  # the encoder chooses (x264 keeps a decoded type)
-            output.mux(encoder.encode(frame))
-            frames += 1
-        output.mux(encoder.encode())
-    if not frames:
+        frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA") for frame in container.decode(stream))
+        count = write_video(target, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
+                            {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
+    if not count:
         raise ValueError("no frames decoded")
-    return frames
+    return count
 
 
 def _write_atomically(path, text):
