@@ -318,8 +318,13 @@ def normalize(x, channel_dim=1):
     faster). Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a
     GPU for free, and a quarter of the bytes travel from the loader's workers (a float clip is 9.6 MB)."""
     shape = (3,) + (1,) * (x.ndim - channel_dim % x.ndim - 1)
-    mean, std = (255 * torch.tensor(v, device=x.device).view(shape) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (v.view(shape) for v in _mean_std_255(x.device))
     return x.float().sub_(mean).div_(std)
+
+
+@functools.cache
+def _mean_std_255(device):  # made once per device: a new tensor on a GPU would wait for a copy at every step
+    return tuple(255 * torch.tensor(v, device=device) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
