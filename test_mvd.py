@@ -3405,6 +3405,125 @@ class TestCoteachingScript(unittest.TestCase):
         self.assertEqual(by_task["motion"][-1]["sampling_rate"], 0)  # the one-frame baseline
 
 
+# ====================================================================================================== documentation
+MARKDOWN = ["README.md", os.path.join("experiments", "README.md")] + sorted(
+    os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs")) if name.endswith(".md"))
+STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
+
+
+def read_doc(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def help_text(script):
+    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__."""
+    if script in STAGES:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # argparse's --help exits
+            STAGES[script].get_args(["--help"])
+        return out.getvalue()
+    return subprocess.run([sys.executable, script, "--help"], cwd=HERE, capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+
+
+def documented_commands(name):
+    """Every command of the ```bash blocks of a Markdown file, as bash runs them with `python`, `python3`,
+    `torchrun`, `pip` and `bash` replaced by a recorder, in an empty folder: variables, loops and line continuations
+    expand as for a reader, and no stage runs. -> [(program, [arguments])]."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = os.path.join(tmp, "commands.txt")
+        fakes = os.path.join(tmp, "bin")
+        os.makedirs(fakes)
+        for program in ("python", "python3", "torchrun", "pip", "bash"):
+            with open(os.path.join(fakes, program), "w") as f:
+                f.write(f'#!/bin/sh\nprintf "%s\\t" "{program}" "$@" >> {record}\necho >> {record}\n')
+            os.chmod(os.path.join(fakes, program), 0o755)
+        env = {**os.environ, "PATH": fakes + os.pathsep + os.environ["PATH"]}
+        real_bash = shutil.which("bash")
+        for block in re.findall(r"^```bash\n(.*?)^```", read_doc(name), flags=re.M | re.S):
+            subprocess.run([real_bash, "-c", block], cwd=tmp, env=env, capture_output=True, timeout=60)
+        if not os.path.exists(record):
+            return []
+        with open(record) as f:
+            return [(c[0], c[1:]) for c in (line.rstrip("\n").rstrip("\t").split("\t") for line in f if line.strip())]
+
+
+class TestDocs(unittest.TestCase):
+    """The README and the pages it links to: links resolve, commands parse as written, flags and code names exist."""
+
+    def test_relative_links_and_images_point_to_files(self):
+        missing, checked = [], 0
+        for name in MARKDOWN:
+            text = read_doc(name)
+            for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'(?:src|href)="([^"]+)"', text):
+                if re.match(r"[a-z]+:", target) or target.startswith("#"):  # web addresses; anchors in the page
+                    continue
+                checked += 1
+                if not os.path.exists(os.path.join(HERE, os.path.dirname(name), target.split("#")[0])):
+                    missing.append(f"{name} -> {target}")
+        self.assertEqual(missing, [])
+        self.assertGreater(checked, 10)
+
+    def test_readme_is_at_most_220_lines(self):
+        self.assertLessEqual(read_doc("README.md").count("\n"), 220)
+
+    def test_commands_parse_as_written(self):
+        """Each stage command of the docs' bash blocks parses with that stage's get_args (never runs), data.py's
+        flags are in its --help, named test classes exist and every script named is in the repository."""
+        data_help = help_text("data.py")
+        seen, wrong = set(), []
+        for name in MARKDOWN:
+            for program, argv in documented_commands(name):
+                if program == "pip" or argv[:1] == ["-m"]:  # pip install -r requirements.txt; python3 -m venv
+                    continue
+                scripts = [a for a in argv if a.endswith((".py", ".sh"))] or [""]
+                script, args = scripts[0], argv[argv.index(scripts[0]) + 1:] if scripts[0] else argv
+                where = f"{name}: {program} {script} {' '.join(args)}"
+                seen.add(script)
+                if not script or not os.path.exists(os.path.join(HERE, script)):
+                    wrong.append(f"{where}: no such script")
+                elif script in STAGES:
+                    err = io.StringIO()
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                        try:
+                            STAGES[script].get_args(args)
+                        except SystemExit:
+                            wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
+                elif script == "data.py":
+                    wrong += [f"{where}: no {flag}" for flag in (a.split("=")[0] for a in args if a.startswith("--"))
+                              if not re.search(rf"(?<![\w-]){flag}(?![\w-])", data_help)]
+                elif script == "test_mvd.py":
+                    wrong += [f"{where}: no {test}" for test in args
+                              if not hasattr(sys.modules[__name__], test.split(".")[0])]
+        self.assertEqual(wrong, [])
+        self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", "data.py", "test_mvd.py",
+                              "experiments/coteaching.sh", "experiments/report.py"}, seen)
+
+    def test_flags_and_code_names_exist(self):
+        """Every --flag the docs name is a flag of a stage, of data.py or of torchrun, and every `module.name` in
+        backticks (the code-reading guide) is a function, class or method of that module."""
+        known = "".join(help_text(script) for script in [*STAGES, "data.py"]) + " --nproc_per_node --max-restarts"
+        modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
+        unknown, names = [], 0
+        for name in MARKDOWN:
+            text = read_doc(name)
+            for flag in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*", text))):
+                if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", known):
+                    unknown.append(f"{name}: {flag}")
+            for code in re.findall(r"`([^`\s]+)`", text):
+                found = re.fullmatch(r"(model|data|distill|pretrain_mae|finetune)((?:\.\w+)+)", code)
+                if found and found[2] != ".py":
+                    names += 1
+                    obj = modules[found[1]]
+                    for part in found[2][1:].split("."):
+                        obj = getattr(obj, part, None)
+                    if obj is None:
+                        unknown.append(f"{name}: {code}")
+        self.assertEqual(unknown, [])
+        self.assertGreater(names, 20)  # the code-reading guide alone names more
+
+
 # ============================================================================================================== CUDA
 @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device: these run where torch.cuda.is_available() "
                                                 "(python test_mvd.py TestCuda)")
