@@ -755,13 +755,12 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     results = in_parallel(functools.partial(_prepare_video, **settings), jobs,
                           os.cpu_count() if num_workers is None else num_workers)
     unreadable, begin = [], time.time()
-    shown = begin
     for done, (source, error) in enumerate(results, 1):
         if error:
             unreadable.append(f"{source}\t{error}")
             print(f"skipping unreadable file {source} ({error[:200]})", flush=True)
-        if done == len(jobs) or time.time() - shown > 10:  # a progress line every 10 s
-            shown, rate = time.time(), done / (time.time() - begin)
+        if done % 100 == 0 or done == len(jobs):
+            rate = done / (time.time() - begin)
             print(f"prepared {done}/{len(jobs)} ({len(unreadable)} unreadable), {rate:.1f} videos/s, "
                   f"{(len(jobs) - done) / rate:.0f} s left", flush=True)
     _write_atomically(os.path.join(output_dir, "unreadable.txt"), "".join(line + "\n" for line in unreadable))
@@ -839,31 +838,28 @@ def benchmark_set(root, bitrate="low", num_videos=10):
 def benchmark(data_path, data_root, num_clips=40, num_sample=2):
     """--bench: clips per second and core of the pretraining loader (decode, sample, the distillation transform and
     mask, collate), one process, one thread, on the list's files and on copies that prepare() makes in a temporary
-    folder, at num_sample 1 and at num_sample. The first configuration is also timed with the whole video decoded
-    first (the slow reference). Configurations take turns video by video, so that a busy machine slows all alike.
-    -> one dict per configuration."""
+    folder, at num_sample 1 and at num_sample; the first also with the whole video decoded first (the slow reference).
+    The configurations take turns video by video, so that a busy machine slows all alike. -> a dict per configuration."""
     torch.set_num_threads(1)  # the decoder's threads follow torch's (_video_stream)
     with tempfile.TemporaryDirectory() as folder:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
-            prepared = prepare(data_path, data_root, folder)
-        configs = [dict(files=files, num_sample=r, decode_all=decode_all, dataset=VideoDataset(
-                       *lists, mode="pretrain", num_frames=16, sampling_rate=4, input_size=224, num_sample=r))
-                   for files, lists in (("original", (data_path, data_root)), ("prepared", (prepared, folder)))
-                   for r in (1, num_sample) for decode_all in ((False, True) if files == "original" and r == 1
-                                                               else (False,))]
-        configs[1]["dataset"].reader = functools.partial(read_frames, decode_all=True)
-        seconds, clips = [0.0] * len(configs), [0] * len(configs)
+            lists = {"original": (data_path, data_root), "prepared": (prepare(data_path, data_root, folder), folder)}
+        lines = [dict(files=files, num_sample=r) for files in lists for r in (1, num_sample)]
+        datasets = [VideoDataset(*lists[line["files"]], num_frames=16, sampling_rate=4, input_size=224,
+                                 num_sample=line["num_sample"]) for line in lines + lines[:1]]
+        datasets[-1].reader = functools.partial(read_frames, decode_all=True)
+        seconds, clips = [0.0] * len(datasets), [0] * len(datasets)
         for i in range(-1, num_clips):  # -1: a warm-up round, not timed
-            for k, config in enumerate(configs):
+            for k, dataset in enumerate(datasets):
                 if clips[k] < num_clips:
-                    dataset, begin = config["dataset"], time.perf_counter()
+                    begin = time.perf_counter()
                     collate_samples([dataset[(max(i, 0) % len(dataset), max(i, 0) // len(dataset))]])
                     seconds[k] += (time.perf_counter() - begin) * (i >= 0)
-                    clips[k] += config["num_sample"] * (i >= 0)
+                    clips[k] += dataset.num_sample * (i >= 0)
     rates = [round(n / t, 2) for n, t in zip(clips, seconds)]
-    lines = [dict(files=c["files"], num_sample=c["num_sample"], clips_per_s_per_core=rate)
-             for c, rate in zip(configs, rates) if not c["decode_all"]]
-    lines[0].update(clips_per_s=rates[0], decode_all_clips_per_s=rates[1])
+    for line, rate in zip(lines, rates):
+        line["clips_per_s_per_core"] = rate
+    lines[0].update(clips_per_s=rates[0], decode_all_clips_per_s=rates[-1])
     return lines
 
 

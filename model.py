@@ -49,12 +49,10 @@ def vit_config(size, **overrides):
 
 
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
-NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places of the video (one in each "
-                   "of R equal parts; the image MAE: R frames, or R crops of an image), each with its own crop and "
-                   "mask. A step then sees batch_size x R clips per process and the lr scales with clips (processes "
-                   "x batch_size x R x update_freq / 256); an epoch still reads every video once (steps per epoch "
-                   "count videos). One video decoded for R clips: the loader delivers more clips per core (python "
-                   "data.py --bench)")
+NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R frames, "
+                   "or crops of an image), each its own crop and mask. A step sees batch_size x R clips per process, "
+                   "the lr scales with clips; an epoch still reads each video once (python data.py --bench: R=2 is "
+                   "1.3-1.4x the clips a core on unprepared videos)")
 
 
 def clips_per_video(args):
