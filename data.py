@@ -503,7 +503,7 @@ class VideoDataset(SeededDataset):
 class ImageDataset(SeededDataset):
     """Image-MAE data: an ImageFolder root, or a video list (a random frame per item); RandomResizedCrop(0.2-1,
     bicubic) + flip as MAE; item {"image": uint8 (3, S, S), "mask": bool (L,), "index"}, normalized on the training
-    device. num_sample > 1: a list of that many, frames from as many equal parts of one video (or crops of one image)."""
+    device. num_sample > 1: a list of that many, frames from as many equal parts of a video (or crops of an image)."""
 
     def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, num_sample=1, seed=0,
                  output_dir=None, max_bad_videos=None, cache_videos=False):
@@ -723,7 +723,8 @@ def write_pictures(output_dir, videos, pictures, input_size):
 # CABAC, no deblocking filter) decodes 2-3x faster for ~15% more bytes; 3 B-frames between P-frames always (b-adapt=0),
 # none of them a reference (no B-pyramid), so that a clip that takes every 4th frame skips 3 frames in 4 between the
 # ones it needs. One encoder thread: prepare() runs a process per core.
-PREPARE_X264 = {"tune": "fastdecode", "preset": "fast", "threads": "1", "x264-params": "b-adapt=0:bframes=3:b-pyramid=none"}
+PREPARE_X264 = {"tune": "fastdecode", "preset": "fast", "threads": "1",
+                "x264-params": "b-adapt=0:bframes=3:b-pyramid=none"}
 
 
 def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=32, crf=18, num_workers=None):
@@ -765,7 +766,7 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
                   f"{(len(jobs) - done) / rate:.0f} s left", flush=True)
     _write_atomically(os.path.join(output_dir, "unreadable.txt"), "".join(line + "\n" for line in unreadable))
     new_list = os.path.join(output_dir, os.path.basename(list_path))
-    kept = [f"{copy[path]} {label}\n" for path, label in entries if os.path.exists(os.path.join(output_dir, copy[path]))]
+    kept = [f"{copy[p]} {label}\n" for p, label in entries if os.path.exists(os.path.join(output_dir, copy[p]))]
     _write_atomically(new_list, "".join(kept))
     left_out = f", {len(entries) - len(kept)} left out: unreadable.txt says why" if len(kept) < len(entries) else ""
     print(f"{new_list}: {len(kept)} of {len(entries)} videos{left_out}; train with --data_path {new_list} "
@@ -839,7 +840,7 @@ def benchmark(data_path, data_root, num_clips=40, num_sample=2):
     """--bench: clips per second and core of the pretraining loader (decode, sample, the distillation transform and
     mask, collate), one process, one thread, on the list's files and on copies that prepare() makes in a temporary
     folder, at num_sample 1 and at num_sample; the first also with the whole video decoded first (the slow reference).
-    The configurations take turns video by video, so that a busy machine slows all alike. -> a dict per configuration."""
+    The configurations take turns video by video, so that a busy machine slows all alike. -> a dict for each."""
     torch.set_num_threads(1)  # the decoder's threads follow torch's (_video_stream)
     with tempfile.TemporaryDirectory() as folder:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
@@ -865,19 +866,20 @@ def benchmark(data_path, data_root, num_clips=40, num_sample=2):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Data pipeline of MVD-minimal: --prepare re-encodes a data set for "
-                                                 "training, --bench measures the loader, --synthetic writes the demo set.")
+                                     "training, --bench measures the loader, --synthetic writes the demo set.")
     parser.add_argument("--prepare", metavar="OUT_DIR", help="re-encode every video of --data_path into OUT_DIR for "
                         "training, with a list of the copies and the same labels there (the originals are not "
                         "touched; run it again after an interruption: finished copies are kept)")
-    parser.add_argument("--short_side", type=int, default=320, help="--prepare: the copies' short side at most (never "
-                        "enlarged). The pretraining crop takes 0.66-1 of the short side and resizes it to 224 px, so 320 "
-                        "(VideoMAE's and MVD's Kinetics) keeps every crop at 211 px or more; more is decoded, not seen")
-    parser.add_argument("--keyframe_interval", type=int, default=32, help="--prepare: frames from one keyframe to the "
-                        "next. A clip decodes from the keyframe before it: at 32, a clip of 16 frames 4 apart (61 frames)"
-                        " reads 16 frames before it on average, 4 of them references, where x264's default of 250 "
-                        "makes it read ~125")
-    parser.add_argument("--crf", type=int, default=18, help="--prepare: x264's quality, lower is better and larger (18: "
-                        "40-44 dB PSNR against the original on smooth footage)")
+    parser.add_argument("--short_side", type=int, default=320, help="--prepare: the copies' short side at most "
+                        "(never enlarged). The pretraining crop takes 0.66-1 of the short side and resizes it to 224 "
+                        "px, so 320 (VideoMAE's and MVD's Kinetics) keeps every crop at 211 px or more; more is "
+                        "decoded, not seen")
+    parser.add_argument("--keyframe_interval", type=int, default=32, help="--prepare: frames from one keyframe to "
+                        "the next. A clip decodes from the keyframe before it: at 32, a clip of 16 frames 4 apart (61 "
+                        "frames) reads 16 frames before it on average, 4 of them references, where x264's default of "
+                        "250 makes it read ~125")
+    parser.add_argument("--crf", type=int, default=18, help="--prepare: x264's quality, lower is better and larger "
+                        "(18: 40-44 dB PSNR against the original on smooth footage)")
     parser.add_argument("--num_workers", type=int, help="--prepare: processes (default: one per core)")
     parser.add_argument("--bench", action="store_true", help="print JSON lines of clips/s per core of the loader")
     parser.add_argument("--data_path", help="video list to prepare or benchmark on; --bench's default: generated "

@@ -159,12 +159,12 @@ def main(args):
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
                                 teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
                                 patch_size=args.patch_size, num_sample=args.num_sample, seed=args.seed,
-                                output_dir=args.output_dir,
-                                max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
+                                output_dir=args.output_dir, max_bad_videos=args.max_bad_videos,
+                                cache_videos=args.cache_videos)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
-    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases, norms,
-    # tokens
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases,
+    # norms, tokens
     total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
