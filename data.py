@@ -748,8 +748,9 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     else:
         _write_atomically(record, json.dumps(settings))
     entries = read_list(list_path)
-    copy = {path: os.path.splitext(os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, ""))[0] + ".mp4"
-            for path, _ in entries}  # the list's path -> the copy's, relative to output_dir
+    copy = {path: os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, "") for path, _ in entries}
+    copy = {path: name if name.endswith(".mp4") else name + ".mp4" for path, name in copy.items()}  # the list's path ->
+    # the copy's, under output_dir: a.webm -> a.webm.mp4, apart from a.mp4
     jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name)) for path, name in copy.items()
                    if not os.path.exists(os.path.join(output_dir, name))})
     print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")

@@ -1593,14 +1593,14 @@ class TestPrepare(unittest.TestCase):
         out = os.path.join(TMP, "prepared")
         new_list, printed = self.prepare(out)
         self.assertEqual(new_list, os.path.join(out, "train.csv"))
-        self.assertEqual(data.read_list(new_list), [("a/numbers.mp4", 0), ("b/smooth.mp4", 1), ("c/odd.mp4", 3),
+        self.assertEqual(data.read_list(new_list), [("a/numbers.mp4", 0), ("b/smooth.webm.mp4", 1), ("c/odd.avi.mp4", 3),
                                                     ("a/numbers.mp4", 5)])
         with open(os.path.join(out, "unreadable.txt")) as f:
             self.assertEqual(sorted(line.split("\t")[0] for line in f), [os.path.join(self.src, "broken.mp4"),
                                                                          os.path.join(self.src, "gone.mp4")])
         self.assertIn("4 of 6 videos, 2 left out", printed)
-        for name, copy, size in (("a/numbers.mp4", "a/numbers.mp4", (48, 64)), ("b/smooth.webm", "b/smooth.mp4", (48, 64)),
-                                 ("c/odd.avi", "c/odd.mp4", (38, 50))):
+        for name, copy, size in (("a/numbers.mp4", "a/numbers.mp4", (48, 64)), ("b/smooth.webm", "b/smooth.webm.mp4", (48, 64)),
+                                 ("c/odd.avi", "c/odd.avi.mp4", (38, 50))):
             original = data.read_frames(os.path.join(self.src, name), range(100), decode_all=True)
             n = data.video_num_frames(os.path.join(self.src, name))
             frames = data.read_frames(os.path.join(out, copy), range(n), decode_all=True)  # (n, H, W, 3)
@@ -1618,15 +1618,15 @@ class TestPrepare(unittest.TestCase):
         for name, content in originals.items():  # the originals are not touched
             self.assertEqual(open(os.path.join(self.src, name), "rb").read(), content)
         # run again: finished copies are kept, the unreadable ones tried again; a half-written file never counts
-        mtimes = {copy: os.path.getmtime(os.path.join(out, copy)) for copy in ("a/numbers.mp4", "b/smooth.mp4")}
-        os.unlink(os.path.join(out, "c/odd.mp4"))
-        with open(os.path.join(out, "c/odd.mp4.part"), "wb") as f:
+        mtimes = {copy: os.path.getmtime(os.path.join(out, copy)) for copy in ("a/numbers.mp4", "b/smooth.webm.mp4")}
+        os.unlink(os.path.join(out, "c/odd.avi.mp4"))
+        with open(os.path.join(out, "c/odd.avi.mp4.part"), "wb") as f:
             f.write(b"half a file")  # what a run killed while writing leaves
         _, printed = self.prepare(out)
         self.assertIn("preparing 3 of 5 videos", printed)  # odd.avi, broken.mp4, gone.mp4
         self.assertEqual({c: os.path.getmtime(os.path.join(out, c)) for c in mtimes}, mtimes)
-        self.assertEqual(data.video_num_frames(os.path.join(out, "c/odd.mp4")), 30)
-        self.assertFalse(os.path.exists(os.path.join(out, "c/odd.mp4.part")))
+        self.assertEqual(data.video_num_frames(os.path.join(out, "c/odd.avi.mp4")), 30)
+        self.assertFalse(os.path.exists(os.path.join(out, "c/odd.avi.mp4.part")))
         with self.assertRaisesRegex(ValueError, "other settings"):  # copies of other settings are not mixed in
             self.prepare(out, keyframe_interval=16)
 
