@@ -1,7 +1,9 @@
-"""From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders, a synthetic set.
+"""From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders, a synthetic set, and
+preparing a data set for training (--prepare).
 
 Conventions (see SPEC.md):
-  a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front;
+  a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front. Pretraining
+  samples hand it over as uint8 (3, T, H, W), and the stage normalizes the batch on its device (normalize());
   a mask is bool (N,) per sample, True = masked (hidden from the student), tokens flattened t-major, then row, column;
   frames straight from a file are uint8 (T, H, W, 3) RGB.
 
