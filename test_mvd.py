@@ -1141,6 +1141,11 @@ class TestReading(unittest.TestCase):
                     got = data.read_frames(path, [5])
                     self.assertEqual(tuple(got.shape), (1, height, width, 3))
                     self.check_video(path, 60)
+        torch.set_num_threads(2)  # the decoder takes torch's threads: frame-threaded, as in a loader without workers
+        try:
+            self.check_video(os.path.join(TMP, "numbers_38x50.mp4"), 60)
+        finally:
+            torch.set_num_threads(1)
 
     def test_clips_far_apart_decode_from_the_keyframe_before_each(self):
         path = os.path.join(TMP, "far_apart.mp4")
