@@ -268,13 +268,17 @@ def linear(x, weight, bias=None, gelu=False):
     """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it was timed faster in
     this dtype (cpu_kernels): it fuses the GELU, and its fp32 product is up to 2x the default BLAS on some CPUs (AMD
     EPYC with AVX-512, 2 cores: 430 against 210 GFLOP/s); it has no backward, so it serves the frozen teachers and
-    evaluation. The dtype is what F.linear would compute in (autocast's, else the input's)."""
+    evaluation. The dtype is what F.linear would compute in (autocast's, else the input's). Without autograd the GELU
+    overwrites the product instead of filling a new tensor: 38 MB a block for a ViT-B teacher on 2 clips, which glibc
+    maps afresh (over 32 MB) and the CPU page-faults in at every step (teacher forward 4.87 -> 4.69 s on 2 cores)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in cpu_kernels().onednn_linear:
         x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     x = F.linear(x, weight, bias)
-    return F.gelu(x) if gelu else x
+    if not gelu:
+        return x
+    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)  # in place: no backward needs the product
 
 
 # FLOP formulas (on shapes) for torch.utils.flop_counter, which knows neither the CPU attention kernel nor oneDNN's
