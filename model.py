@@ -113,7 +113,7 @@ def fill_defaults(args, *tables):
         args.precision, why = auto_precision(cuda)
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"--precision auto: {args.precision} ({why})" + ("" if cuda else "; CPU fast paths against plain "
-                  "PyTorch: " + ", ".join(f"{k} {v}" for k, v in fast_paths().items())), flush=True)
+                  "PyTorch: " + ", ".join(f"{k} {v}" for k, v in cpu_kernels().summary.items())), flush=True)
     return args
 
 
@@ -147,9 +147,8 @@ def sinusoid_1d(dim, n):
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
-FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch when timed this much faster: the probe's spread on a busy VM
-# (oneDNN's fp32 linear 0.68-0.81x in 20 probes on the Zen 3 EPYC below, idle, busy or after idle) stays well under
-# it, and plain PyTorch, the simpler path, wins ties
+FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster: the probe's spread
+# on a busy VM stays well under it (oneDNN's fp32 linear: 0.68-0.81x in 20 probes on the Zen 3 EPYC, idle or busy)
 FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
 
 
@@ -165,35 +164,28 @@ def speedup(plain, fast, rounds=8):
 
 def time_fast_paths(dtype, g):
     """Each fast path's speedup over the plain PyTorch it replaces, in this dtype, on shapes of a ViT-B: oneDNN's fused
-    linear + GELU against F.linear then F.gelu (a block's first MLP layer on 64 tokens), plain-product attention against
-    SDPA (one head of 392 tokens). A kernel missing in this dtype ("could not create a primitive descriptor") or giving
-    another result counts 0x. -> {path: speedup}"""
+    linear + GELU against F.linear then F.gelu (64 tokens), plain-product attention against SDPA (one head of 392
+    tokens). A kernel missing in this dtype ("could not create a primitive descriptor") or another result: 0x."""
     x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((64, 768), (3072, 768), (3072,)))
-    w = w / 768 ** 0.5  # outputs of about 1, as in a trained network
-    q, k, v = torch.randn(3, 1, 1, 392, 64, generator=g).to(dtype)
+    w, (q, k, v) = w / 768 ** 0.5, torch.randn(3, 1, 1, 392, 64, generator=g).to(dtype)  # outputs of about 1
     pairs = {"onednn_linear": (lambda: F.gelu(F.linear(x, w, b)),
                                lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")),
              "product_attention": (lambda: F.scaled_dot_product_attention(q, k, v), lambda: product_attention(q, k, v))}
     speedups = dict.fromkeys(pairs, 0.0)
-    with torch.no_grad():
-        for path, (plain, fast) in pairs.items():
-            try:
-                if torch.allclose(plain().float(), fast().float(), rtol=0.05, atol=0.05):
-                    speedups[path] = speedup(plain, fast)
-            except (RuntimeError, AttributeError):
-                pass
+    for path, (plain, fast) in pairs.items():
+        with torch.no_grad(), contextlib.suppress(RuntimeError, AttributeError):
+            if torch.allclose(plain().float(), fast().float(), rtol=0.05, atol=0.05):
+                speedups[path] = speedup(plain, fast)
     return speedups
 
 
 def measure_cpu(fast):
-    """What this CPU does, timed (about 0.1 s): bf16 and fp16 are oneDNN's own check for matrix units in that dtype (the
-    one PyTorch's matmul goes by); bf16_speedup: a bf16 (512, 512) product against fp32 (20 rounds: a small product is
-    noisier); with `fast`, each fast path's speedups in every dtype the CPU has units for (emulated bf16 is 50-100x
-    slower: never picked), timed on one thread: a probe this short cannot keep many cores as busy as the real work, and
-    on a VM a descheduled core stretches a 2-thread call unevenly (Zen 3 EPYC, 2 cores, oneDNN's linear against
-    F.linear: 0.75x at 64 tokens on one thread as at 3,136 on two, but 0.88x at 64 on two, and 1.4-2x in slow spells
-    after idle). Its own generator: the run's random stream stays where it was.
-    -> a dict of plain values, which rank 0 gives the others under torchrun."""
+    """What this CPU does (about 0.15 s): bf16, fp16: oneDNN's own check for matrix units in that dtype (the one
+    PyTorch's matmul goes by); bf16_speedup: a bf16 (512, 512) product against fp32 (20 rounds: it is small); with
+    `fast` the fast paths' speedups in each dtype with units (emulated bf16 is 50-100x slower), on one thread: a probe
+    this short cannot load many cores as the real work does, and on a VM a descheduled core slows a 2-thread call
+    unevenly (Zen 3 EPYC, oneDNN's linear: 0.75x at 64 tokens on one thread as at 3,136 on two, but 0.88x at 64 on
+    two, and 1.4-2x in slow spells after idle). Its own generator: the run's random stream stays where it was."""
     begin, g, threads = time.perf_counter(), torch.Generator().manual_seed(0), torch.get_num_threads()
     onednn = torch.backends.mkldnn.is_available()
     bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -203,12 +195,10 @@ def measure_cpu(fast):
         a, a16 = (torch.randn(512, 512, generator=g).to(dtype) for dtype in (torch.float32, torch.bfloat16))
         found["bf16_speedup"] = speedup(lambda: a @ a, lambda: a16 @ a16, rounds=20)
     torch.set_num_threads(1)
-    try:
-        for dtype in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) if fast else ():
-            for path, times_faster in time_fast_paths(dtype, g).items():
-                found[path][str(dtype).removeprefix("torch.")] = times_faster
-    finally:
-        torch.set_num_threads(threads)
+    for dtype in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) if fast else ():
+        for path, times_faster in time_fast_paths(dtype, g).items():
+            found[path][str(dtype).removeprefix("torch.")] = times_faster
+    torch.set_num_threads(threads)
     return {**found, "probe_ms": round(1000 * (time.perf_counter() - begin))}
 
 
@@ -230,26 +220,19 @@ def cpu_kernels():
     matrix units a bf16 product runs up to 3x faster than fp32 (AMD EPYC with AVX-512 BF16); on some CPUs that have
     them it runs 2x slower (an Intel Xeon whose AVX-512 BF16 lacks AMX: 150 against 300 GFLOP/s); oneDNN's fp32 linear
     is up to 2x the default BLAS on AVX-512 EPYCs and 1.4x slower on a Zen 3 EPYC with AVX2 (a ViT-B block's first MLP
-    layer and GELU on 2 clips: 158 against 112 ms). So every fast path is timed against the plain PyTorch it replaces
-    (measure_cpu) and used where it is at least FAST_MARGIN faster: onednn_linear and product_attention are the dtypes
-    where it is; bf16_faster says bf16 products are BF16_MARGIN faster than fp32 (what --precision auto goes by).
-    MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (the tests force it)."""
+    layer and GELU on 2 clips: 158 against 112 ms). So each fast path is timed against the plain PyTorch it replaces
+    and used where at least FAST_MARGIN faster: onednn_linear, product_attention: the dtypes where it is; bf16_faster:
+    bf16 products BF16_MARGIN faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line
+    print. MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
     fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
     found = measured_by_rank_0(functools.partial(measure_cpu, fast))
     used = {path: tuple(getattr(torch, name) for name, s in found[path].items() if s >= FAST_MARGIN)
             for path in FAST_PATHS}
-    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, fast=fast, **used,
-                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN)
-
-
-def fast_paths():
-    """The CPU's fast paths as the --precision auto line and --bench print them: each one's speedup over the plain
-    PyTorch it replaces, in each dtype timed, and whether it is used (from FAST_MARGIN); what the probe cost."""
-    k = cpu_kernels()
-    if not k.fast:
-        return {"fast_paths": "off (MVD_FAST_KERNELS=0)"}
-    return {**{f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
-               for path in FAST_PATHS for name, s in k.measured[path].items()}, "probe_ms": k.measured["probe_ms"]}
+    summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
+               for path in FAST_PATHS for name, s in found[path].items()}
+    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, **used,
+                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN,
+                           summary={**summary, "probe_ms": found["probe_ms"]} if fast else {"fast_paths": "off (MVD_FAST_KERNELS=0)"})
 
 
 def auto_precision(cuda):
@@ -862,18 +845,14 @@ def torchrun_store():
     return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
 
 
-def init_process_group(backend):
-    store, rank, world_size = torchrun_store()
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-
-
 def setup_distributed(precision):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
     process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
     (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
-        init_process_group("nccl" if cuda else "gloo")
+        store, rank, world = torchrun_store()
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -883,8 +862,8 @@ def setup_distributed(precision):
     else:
         device = torch.device("cuda" if cuda else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    kernels = None if cuda else cpu_kernels()  # every rank now: under torchrun rank 0 decides for all
-    if not cuda and precision == "fp16" and not kernels.fp16:
+    kernels = None if cuda else cpu_kernels()  # every rank, now: under torchrun rank 0 measures for all
+    if kernels and precision == "fp16" and not kernels.fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
                          "(~50x slower than fp32): use --precision auto, bf16 or fp32")
     if not cuda and precision == "bf16" and rank == 0 and auto_precision(cuda=False)[0] != "bf16":
@@ -1045,4 +1024,4 @@ def bench_steps(step_fn, steps, clips_per_step):
     return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else
-                   {"cpu_fast_paths": fast_paths()}))
+                   {"cpu_fast_paths": cpu_kernels().summary}))

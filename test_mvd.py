@@ -350,14 +350,14 @@ class TestModelAttention(unittest.TestCase):
                                                      if k.measured[path][name] >= M.FAST_MARGIN), path)
         for name in timed:  # where oneDNN has no kernel, its linear is timed 0x
             self.assertEqual(k.measured["onednn_linear"][name] > 0, onednn_linear_runs(getattr(torch, name)), name)
-        self.assertLess(k.measured["probe_ms"], 1000)  # about 150 ms on 2 cores
+        self.assertLess(k.measured["probe_ms"], 3000)  # about 150 ms on 2 cores, more beside other work
         self.assertTrue(k.bf16 or not k.bf16_faster)  # emulated bf16 is never timed as the faster
         self.assertEqual(M.auto_precision(cuda=False)[0], "bf16" if k.bf16_faster else "fp32")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: False):
             self.assertEqual(M.auto_precision(cuda=True)[0], "fp16")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
             self.assertEqual(M.auto_precision(cuda=True)[0], "bf16")
-        code = "import model; k = model.cpu_kernels(); print(k.onednn_linear, k.product_attention, model.fast_paths())"
+        code = "import model; k = model.cpu_kernels(); print(k.onednn_linear, k.product_attention, k.summary)"
         env = {**os.environ, "MVD_FAST_KERNELS": "0"}
         forced = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
         self.assertEqual(forced.stdout.strip(), "() () {'fast_paths': 'off (MVD_FAST_KERNELS=0)'}",
@@ -370,8 +370,8 @@ class TestModelAttention(unittest.TestCase):
         with mock.patch.object(M.timeit, "timeit", lambda f, number: f()):
             self.assertEqual(M.speedup(timed("plain", plain), timed("fast", fast), rounds=3), 2.0)  # 2.0 / 1.0
         self.assertEqual(order, ["plain", "fast"] * 4)
-        a = torch.randn(64, 64)  # real timings: a product against itself done 4 times
-        self.assertLess(M.speedup(lambda: a @ a, lambda: [a @ a for _ in range(4)], rounds=3), 0.7)
+        a = torch.randn(128, 128)  # real timings: a product against itself done 8 times (0.125x)
+        self.assertLess(M.speedup(lambda: a @ a, lambda: [a @ a for _ in range(8)], rounds=5), 0.5)
 
     def test_fast_paths_used_only_where_timed_faster(self):
         # mocked timings both ways: (oneDNN linear, product attention) against F.linear and SDPA, in every dtype timed
@@ -382,7 +382,7 @@ class TestModelAttention(unittest.TestCase):
             with mock.patch.object(M, "time_fast_paths", timings), mock.patch.dict(os.environ, MVD_FAST_KERNELS="1"):
                 M.cpu_kernels.cache_clear()
                 try:
-                    k, printed = M.cpu_kernels(), M.fast_paths()
+                    k, printed = M.cpu_kernels(), M.cpu_kernels().summary
                 finally:
                     M.cpu_kernels.cache_clear()  # the next call probes this CPU again
             bf16 = (torch.bfloat16,) if k.bf16 else ()  # timed in bf16 too where the CPU has the units
@@ -2154,7 +2154,7 @@ class TestPretrainMAE(unittest.TestCase):
                 args = stage.get_args(common)
             if not torch.cuda.is_available():  # auto's one line names the CPU's fast paths, timed, and which it uses
                 self.assertIn("; CPU fast paths against plain PyTorch: " + ", ".join(
-                    f"{k} {v}" for k, v in M.fast_paths().items()), out.getvalue())
+                    f"{k} {v}" for k, v in M.cpu_kernels().summary.items()), out.getvalue())
             self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
                               args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
             self.assertEqual((args.save_every_steps, args.save_every_minutes), (50, 15))
@@ -2519,7 +2519,7 @@ class TestDistill(unittest.TestCase):
                                delta=0.05 * result["clips_per_s"] + 0.06)
         self.assertGreater(result["peak_rss_mb"], 50)
         if not torch.cuda.is_available():  # the CPU's fast paths: each one's speedup, used or not
-            self.assertEqual(result["cpu_fast_paths"], M.fast_paths())
+            self.assertEqual(result["cpu_fast_paths"], M.cpu_kernels().summary)
         # FLOPs of one training step per clip, from the shapes: a ViT block costs 24 n D^2 (+ 4 n^2 D attention)
         # forward, a backward twice its forward (the student's tube embedding: weight gradient only)
         D, n_all, n_vis, n_mask, L, frames = 192, 64, 8, 56, 16, 4
