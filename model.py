@@ -147,8 +147,8 @@ def sinusoid_1d(dim, n):
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
-FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster: the probe's spread
-# on a busy VM stays well under it (oneDNN's fp32 linear: 0.68-0.81x in 20 probes on the Zen 3 EPYC, idle or busy)
+FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster: the probe's
+# spread on a busy VM stays well under it (oneDNN's fp32 linear: 0.68-0.81x in 20 probes on a Zen 3 EPYC, idle or busy)
 FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
 
 
@@ -230,9 +230,9 @@ def cpu_kernels():
             for path in FAST_PATHS}
     summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
                for path in FAST_PATHS for name, s in found[path].items()}
-    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, **used,
-                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN,
-                           summary={**summary, "probe_ms": found["probe_ms"]} if fast else {"fast_paths": "off (MVD_FAST_KERNELS=0)"})
+    summary = {**summary, "probe_ms": found["probe_ms"]} if fast else {"fast_paths": "off (MVD_FAST_KERNELS=0)"}
+    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, **used, summary=summary,
+                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN)
 
 
 def auto_precision(cuda):

@@ -402,7 +402,9 @@ class TestModelAttention(unittest.TestCase):
         self.assertEqual((k.onednn_linear, k.product_attention), ((), ()))
 
     def test_one_rank_decides_for_all_under_torchrun(self):
-        script = os.path.join(tempfile.mkdtemp(), "decide.py")
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        script = os.path.join(tmp.name, "decide.py")
         with open(script, "w") as f:  # rank 1's own timings would say the opposite of rank 0's
             f.write("import os, sys\nfrom unittest import mock\nsys.path.insert(0, %r)\nimport model\n"
                     "rank = int(os.environ['RANK'])\n"
@@ -410,7 +412,8 @@ class TestModelAttention(unittest.TestCase):
                     "                                          product_attention=0.5 if rank == 0 else 3.0))\n"
                     "with mock.patch.object(model, 'time_fast_paths', timings):\n"
                     "    k = model.cpu_kernels()\n"
-                    "print('rank', rank, 'timed', timings.called, k.onednn_linear, k.product_attention)\n" % HERE)
+                    "line = f'rank {rank} timed {timings.called} {k.onednn_linear} {k.product_attention}\\n'\n"
+                    "os.write(1, line.encode())  # one write: the two ranks share the pipe\n" % HERE)
         result = run_ddp(script, {}, nproc=2)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
