@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import functools
 import itertools
+import json
 import math
 import os
 import re
@@ -119,9 +120,11 @@ def fill_defaults(args, *tables):
             if getattr(args, key) is None:
                 setattr(args, key, value)
     if args.precision == "auto":
-        args.precision, why = auto_precision(torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        args.precision, why = auto_precision(cuda)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"--precision auto: {args.precision} ({why})", flush=True)
+            print(f"--precision auto: {args.precision} ({why})" + ("" if cuda else "; CPU fast paths against plain "
+                  "PyTorch: " + ", ".join(f"{k} {v}" for k, v in cpu_kernels().summary.items())), flush=True)
     return args
 
 
@@ -155,47 +158,92 @@ def sinusoid_1d(dim, n):
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
+FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster: the probe's
+# spread on a busy VM stays well under it (oneDNN's fp32 linear: 0.68-0.81x in 20 probes on a Zen 3 EPYC, idle or busy)
+FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
 
 
-def bf16_speedup(n=512, rounds=20):
-    """How many times faster a bf16 (n, n) @ (n, n) product runs than an fp32 one: the fastest of `rounds` of each,
-    the two taken in turn so that a busy machine slows both alike (the Xeon below: 0.55 idle, 0.51-0.66 in 20 probes
-    beside the test suite; 10 rounds gave 0.15-0.63). Its own generator: the run's random stream stays where it was."""
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
-    pair = (a, a.bfloat16())
-    for x in pair:
-        x @ x  # the first call builds the kernel
-    times = [[timeit.timeit(lambda: x @ x, number=1) for x in pair] for _ in range(rounds)]
-    fp32, bf16 = (min(dtype_times) for dtype_times in zip(*times))
-    return fp32 / bf16
+def speedup(plain, fast, rounds=8):
+    """How many times faster fast() runs than plain(): the fastest of `rounds` calls of each, the two taken in turn so
+    that a busy machine slows both alike (a Xeon's bf16 products: 0.55x idle, 0.51-0.66x in 20 probes beside the test
+    suite; timed apart, 0.15-0.63x). The first call of each, untimed, builds its kernel."""
+    for f in (plain, fast):
+        f()
+    times = [[timeit.timeit(f, number=1) for f in (plain, fast)] for _ in range(rounds)]
+    return min(t[0] for t in times) / min(t[1] for t in times)
+
+
+def time_fast_paths(dtype, g):
+    """Each fast path's speedup over the plain PyTorch it replaces, in this dtype, on shapes of a ViT-B: oneDNN's fused
+    linear + GELU against F.linear then F.gelu (64 tokens), plain-product attention against SDPA (one head of 392
+    tokens). A kernel missing in this dtype ("could not create a primitive descriptor") or another result: 0x."""
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((64, 768), (3072, 768), (3072,)))
+    w, (q, k, v) = w / 768 ** 0.5, torch.randn(3, 1, 1, 392, 64, generator=g).to(dtype)  # outputs of about 1
+    pairs = {"onednn_linear": (lambda: F.gelu(F.linear(x, w, b)),
+                               lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")),
+             "product_attention": (lambda: F.scaled_dot_product_attention(q, k, v), lambda: product_attention(q, k, v))}
+    speedups = dict.fromkeys(pairs, 0.0)
+    for path, (plain, fast) in pairs.items():
+        with torch.no_grad(), contextlib.suppress(RuntimeError, AttributeError):
+            if torch.allclose(plain().float(), fast().float(), rtol=0.05, atol=0.05):
+                speedups[path] = speedup(plain, fast)
+    return speedups
+
+
+def measure_cpu(fast):
+    """What this CPU does (about 0.15 s): bf16, fp16: oneDNN's own check for matrix units in that dtype (the one
+    PyTorch's matmul goes by); bf16_speedup: a bf16 (512, 512) product against fp32 (20 rounds: it is small); with
+    `fast` the fast paths' speedups in each dtype with units (emulated bf16 is 50-100x slower), on one thread: a probe
+    this short cannot load many cores as the real work does, and on a VM a descheduled core slows a 2-thread call
+    unevenly (Zen 3 EPYC, oneDNN's linear: 0.75x at 64 tokens on one thread as at 3,136 on two, but 0.88x at 64 on
+    two, and 1.4-2x in slow spells after idle). Its own generator: the run's random stream stays where it was."""
+    begin, g, threads = time.perf_counter(), torch.Generator().manual_seed(0), torch.get_num_threads()
+    onednn = torch.backends.mkldnn.is_available()
+    bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    found = dict(bf16=bf16, fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(), bf16_speedup=0.0,
+                 **{path: {} for path in FAST_PATHS})
+    if bf16:
+        a, a16 = (torch.randn(512, 512, generator=g).to(dtype) for dtype in (torch.float32, torch.bfloat16))
+        found["bf16_speedup"] = speedup(lambda: a @ a, lambda: a16 @ a16, rounds=20)
+    torch.set_num_threads(1)
+    for dtype in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) if fast else ():
+        for path, times_faster in time_fast_paths(dtype, g).items():
+            found[path][str(dtype).removeprefix("torch.")] = times_faster
+    torch.set_num_threads(threads)
+    return {**found, "probe_ms": round(1000 * (time.perf_counter() - begin))}
+
+
+def measured_by_rank_0(measure):
+    """measure() here, or under torchrun in rank 0 alone, whose result every rank reads from torchrun's store (the
+    process group does not exist yet when --precision auto is decided): all ranks take the same decisions, whatever
+    their own timings would have said."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return measure()
+    store, rank, _ = torchrun_store()
+    if rank == 0:
+        store.set("cpu_kernels", json.dumps(measure()))
+    return json.loads(store.get("cpu_kernels"))
 
 
 @functools.cache
 def cpu_kernels():
-    """The CPU's fast paths, found out from what it does rather than assumed. CPUs differ: with bf16 matrix units a
-    bf16 product runs up to 3x faster than fp32 (AMD EPYC with AVX-512 BF16); on some CPUs that have them it runs 2x
-    slower (an Intel Xeon whose AVX-512 BF16 lacks AMX: 150 against 300 GFLOP/s); with AVX2 alone it is emulated,
-    50-100x slower, and oneDNN has no bf16 kernels at all. -> bf16, fp16: oneDNN's own check for products in that
-    dtype (the one PyTorch's matmul goes by); bf16_faster: bf16 products measured faster than fp32 here (what
-    --precision auto goes by); onednn_linear: the dtypes oneDNN's fused linear runs in; bf16_attention: plain products
-    for bf16 attention (see attention()). MVD_FAST_KERNELS=0 turns both fast paths off: plain PyTorch, the fallback
-    that always works (the tests force it too)."""
-    def linear_runs(dtype):  # oneDNN on a tiny input in this dtype: some CPUs lack the kernel ("could not create a
-        x = torch.ones(4, 8, dtype=dtype)  # primitive descriptor"), so a failure here is expected, not an error
-        try:
-            with torch.no_grad():
-                out = torch.ops.mkldnn._linear_pointwise(x, torch.ones(2, 8, dtype=dtype), None, "gelu", [], "none")
-            return bool((out == 8).all())  # gelu(8) = 8: a wrong result counts as not running
-        except (RuntimeError, AttributeError):
-            return False
-
-    onednn, fast = torch.backends.mkldnn.is_available(), os.environ.get("MVD_FAST_KERNELS", "1") != "0"
-    bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return SimpleNamespace(bf16=bf16, bf16_faster=bf16 and bf16_speedup() >= BF16_MARGIN,
-                           fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
-                           bf16_attention=fast and bf16,
-                           onednn_linear=tuple(d for d in (torch.float32, torch.bfloat16) if fast and onednn and
-                                               linear_runs(d)))
+    """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ: with bf16
+    matrix units a bf16 product runs up to 3x faster than fp32 (AMD EPYC with AVX-512 BF16); on some CPUs that have
+    them it runs 2x slower (an Intel Xeon whose AVX-512 BF16 lacks AMX: 150 against 300 GFLOP/s); oneDNN's fp32 linear
+    is up to 2x the default BLAS on AVX-512 EPYCs and 1.4x slower on a Zen 3 EPYC with AVX2 (a ViT-B block's first MLP
+    layer and GELU on 2 clips: 158 against 112 ms). So each fast path is timed against the plain PyTorch it replaces
+    and used where at least FAST_MARGIN faster: onednn_linear, product_attention: the dtypes where it is; bf16_faster:
+    bf16 products BF16_MARGIN faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line
+    print. MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
+    fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
+    found = measured_by_rank_0(functools.partial(measure_cpu, fast))
+    used = {path: tuple(getattr(torch, name) for name, s in found[path].items() if s >= FAST_MARGIN)
+            for path in FAST_PATHS}
+    summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
+               for path in FAST_PATHS for name, s in found[path].items()}
+    summary = {**summary, "probe_ms": found["probe_ms"]} if fast else {"fast_paths": "off (MVD_FAST_KERNELS=0)"}
+    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, **used, summary=summary,
+                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN)
 
 
 def auto_precision(cuda):
@@ -211,16 +259,20 @@ def auto_precision(cuda):
 
 # --------------------------------------------------------------------------------- Building blocks shared by all models
 def linear(x, weight, bias=None, gelu=False):
-    """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it runs in this dtype:
-    its fp32 product is up to 2x the default BLAS on some CPUs (AMD EPYC, 2 cores: 430 against 210 GFLOP/s) and it fuses
-    the GELU; it has no backward, so it serves the frozen teachers and evaluation. The dtype is what F.linear would
-    compute in (autocast's, else the input's)."""
+    """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it was timed faster in
+    this dtype (cpu_kernels): it fuses the GELU, and its fp32 product is up to 2x the default BLAS on some CPUs (AMD
+    EPYC with AVX-512, 2 cores: 430 against 210 GFLOP/s); it has no backward, so it serves the frozen teachers and
+    evaluation. The dtype is what F.linear would compute in (autocast's, else the input's). Without autograd the GELU
+    overwrites the product instead of filling a new tensor: 38 MB a block for a ViT-B teacher on 2 clips, which glibc
+    maps afresh (over 32 MB) and the CPU page-faults in at every step (teacher forward 4.87 -> 4.69 s on 2 cores)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in cpu_kernels().onednn_linear:
         x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     x = F.linear(x, weight, bias)
-    return F.gelu(x) if gelu else x
+    if not gelu:
+        return x
+    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)  # in place: no backward needs the product
 
 
 # FLOP formulas (on shapes) for torch.utils.flop_counter, which knows neither the CPU attention kernel nor oneDNN's
@@ -233,22 +285,28 @@ FLOP_FORMULAS = {
        if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {})}
 
 
-def attention(q, k, v, dropout_p=0.0):
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), except
-    in bf16 on a CPU with bf16 units, where its fused kernel reaches a fraction of them and plain products run 2-4x
-    faster (1,568 tokens, a ViT-B layer, 2 clips: 31 against 83 ms forward; ViT-S decoder forward + backward: 57
-    against 109 ms). For long sequences one head and a block of queries at a time, so that the block's probabilities
-    (about 2 MB) stay in the core's cache: a ViT-B layer's 12 heads at 1,568 tokens take 22 ms instead of 43 for whole
-    heads; each query's softmax is the same either way."""
+def product_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with plain products, for (B, heads, N, d). Where the CPU has bf16 units, SDPA's fused
+    kernel reaches a fraction of them in bf16 and plain products run 2-4x faster (1,568 tokens, a ViT-B layer, 2 clips:
+    31 against 83 ms forward; ViT-S decoder forward + backward: 57 against 109 ms). For long sequences one head and a
+    block of queries at a time, so that the block's probabilities (about 2 MB in bf16) stay in the core's cache: a ViT-B
+    layer's 12 heads at 1,568 tokens take 22 ms instead of 43 for whole heads; each query's softmax is the same."""
     B, heads, N, d = q.shape
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or dropout_p or not cpu_kernels().bf16_attention:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if N < 256:
         return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
-    rows = 2 ** 20 // N  # queries per block: (rows, N) bf16 probabilities of about 2 MB
+    rows = 2 ** 20 // N  # queries per block: (rows, N) probabilities of 2**20 values
     out = [torch.softmax((q[b, h, start:start + rows] * d ** -0.5) @ k[b, h].T, dim=-1) @ v[b, h]  # (rows, d)
            for b, h in itertools.product(range(B), range(heads)) for start in range(0, N, rows)]
     return torch.cat(out).view(B, heads, N, d)
+
+
+def attention(q, k, v, dropout_p=0.0):
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), or
+    plain products on a CPU where they were timed faster in this dtype (cpu_kernels; in fp32 SDPA is the faster on
+    every CPU measured: 0.84x on the Zen 3 EPYC)."""
+    if q.device.type == "cpu" and not dropout_p and q.dtype in cpu_kernels().product_attention:
+        return product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -787,14 +845,15 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
 
 
 # ------------------ Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
-def init_process_group(backend):
-    """dist.init_process_group with the store's keys under this attempt's number. torchrun --max-restarts keeps one
-    store for all the attempts of a group, and a restarted rank could read there the address that a killed rank of the
-    last attempt had published, and hang (pytorch/pytorch#135712)."""
+@functools.cache
+def torchrun_store():
+    """torchrun's store (env://), its keys under this attempt's number: torchrun --max-restarts keeps one store for all
+    the attempts of a group, and a restarted rank could read there the address that a killed rank of the last attempt
+    had published, and hang (pytorch/pytorch#135712). One per process, kept: without torchrun rank 0 hosts it.
+    -> (store, rank, world_size)"""
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank,
-                            world_size=world_size)
+    return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
 
 
 def setup_distributed(precision):
@@ -803,7 +862,8 @@ def setup_distributed(precision):
     (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     if ddp:
-        init_process_group("nccl" if cuda else "gloo")
+        store, rank, world = torchrun_store()
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -813,7 +873,8 @@ def setup_distributed(precision):
     else:
         device = torch.device("cuda" if cuda else "cpu")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if not cuda and precision == "fp16" and not cpu_kernels().fp16:
+    kernels = None if cuda else cpu_kernels()  # every rank, now: under torchrun rank 0 measures for all
+    if kernels and precision == "fp16" and not kernels.fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
                          "(~50x slower than fp32): use --precision auto, bf16 or fp32")
     if not cuda and precision == "bf16" and rank == 0 and auto_precision(cuda=False)[0] != "bf16":
@@ -962,7 +1023,8 @@ def training_step(env, loss_fn, optimizer):
 
 def bench_steps(step_fn, steps, clips_per_step):
     """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb and, on
-    CUDA, peak_gpu_mb). CUDA runs asynchronously: each timed call ends when the GPU is done."""
+    CUDA, peak_gpu_mb, on a CPU its fast paths' timings). CUDA runs asynchronously: each timed call ends when the GPU
+    is done."""
     import resource
     cuda = torch.cuda.is_available()
     step_fn()
@@ -976,4 +1038,5 @@ def bench_steps(step_fn, steps, clips_per_step):
     step_s = sorted(times)[len(times) // 2]
     return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else {}))
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else
+                   {"cpu_fast_paths": cpu_kernels().summary}))

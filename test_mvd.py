@@ -208,6 +208,17 @@ def _m_classifier(seed, **kw):
     return M.VideoClassifier("vit_tiny", **{**args, **kw}).eval()
 
 
+def onednn_linear_runs(dtype):
+    """Whether oneDNN's fused linear runs on this CPU in this dtype (some lack the kernel), whatever it was timed."""
+    try:
+        with torch.no_grad():
+            torch.ops.mkldnn._linear_pointwise(torch.ones(3, 4, dtype=dtype), torch.ones(5, 4, dtype=dtype), None,
+                                               "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def _m_video(seed, B=2, T=4, S=32):
     return torch.randn(B, 3, T, S, S, generator=torch.Generator().manual_seed(seed))
 
@@ -268,7 +279,7 @@ class TestModelAttention(unittest.TestCase):
 
     def test_bf16_cpu_attention_equals_a_float64_reference_with_gradients(self):
         for fast in (True, False):  # plain products (forced on: they run anywhere, emulated bf16 only slower) and SDPA
-            kernels = SimpleNamespace(**{**vars(M.cpu_kernels()), "bf16_attention": fast})
+            kernels = SimpleNamespace(**{**vars(M.cpu_kernels()), "product_attention": (torch.bfloat16,) * fast})
             with mock.patch.object(M, "cpu_kernels", lambda: kernels), \
                     mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
                 self._check_bf16_attention()
@@ -320,46 +331,103 @@ class TestModelAttention(unittest.TestCase):
         self._check_linear(())  # what every CPU without oneDNN's kernels runs, and MVD_FAST_KERNELS=0
 
     def test_linear_onednn_path_equals_f_linear(self):
-        dtypes = M.cpu_kernels().onednn_linear
-        if torch.bfloat16 not in dtypes:
-            self.skipTest(f"oneDNN's fused linear runs here only in {[str(d) for d in dtypes] or 'no dtype'}: "
-                          "no bf16 kernel on this CPU")
+        dtypes = tuple(dtype for dtype in (torch.float32, torch.bfloat16) if onednn_linear_runs(dtype))
+        if not dtypes:
+            self.skipTest("oneDNN's fused linear runs in no dtype on this CPU")
         calls = []
         real = torch.ops.mkldnn._linear_pointwise
         with mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].dtype) or real(*a)):
-            self._check_linear(dtypes)
-        self.assertEqual(set(calls), {torch.float32, torch.bfloat16})  # the fast path did serve both dtypes
+            self._check_linear(dtypes)  # forced on wherever it runs, whatever the probe timed
+        self.assertEqual(set(calls), set(dtypes))  # the fast path did serve every dtype it was given
 
     def test_hardware_probe_matches_what_the_kernels_do(self):
         k = M.cpu_kernels()
         self.assertIs(M.cpu_kernels(), k)  # probed once per process
-        for dtype in (torch.float32, torch.bfloat16):  # the probe's verdict is what running the kernel gives
-            try:
-                with torch.no_grad():
-                    torch.ops.mkldnn._linear_pointwise(torch.ones(3, 4, dtype=dtype), torch.ones(5, 4, dtype=dtype),
-                                                       None, "none", [], "")
-                runs = True
-            except RuntimeError:
-                runs = False
-            self.assertEqual(dtype in k.onednn_linear, runs and os.environ.get("MVD_FAST_KERNELS") != "0", dtype)
-        self.assertEqual(k.bf16_attention, k.bf16 and os.environ.get("MVD_FAST_KERNELS") != "0")
+        fast = os.environ.get("MVD_FAST_KERNELS") != "0"
+        timed = ["float32", "bfloat16"][:1 + k.bf16] if fast else []  # emulated bf16 is never timed
+        for path in M.FAST_PATHS:
+            self.assertEqual(list(k.measured[path]), timed, path)
+            self.assertEqual(getattr(k, path), tuple(getattr(torch, name) for name in timed
+                                                     if k.measured[path][name] >= M.FAST_MARGIN), path)
+        for name in timed:  # where oneDNN has no kernel, its linear is timed 0x
+            self.assertEqual(k.measured["onednn_linear"][name] > 0, onednn_linear_runs(getattr(torch, name)), name)
+        self.assertLess(k.measured["probe_ms"], 3000)  # about 150 ms on 2 cores, more beside other work
         self.assertTrue(k.bf16 or not k.bf16_faster)  # emulated bf16 is never timed as the faster
         self.assertEqual(M.auto_precision(cuda=False)[0], "bf16" if k.bf16_faster else "fp32")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: False):
             self.assertEqual(M.auto_precision(cuda=True)[0], "fp16")
         with mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
             self.assertEqual(M.auto_precision(cuda=True)[0], "bf16")
-        code = "import model; k = model.cpu_kernels(); print(k.onednn_linear, k.bf16_attention)"
+        code = "import model; k = model.cpu_kernels(); print(k.onednn_linear, k.product_attention, k.summary)"
         env = {**os.environ, "MVD_FAST_KERNELS": "0"}
         forced = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True)
-        self.assertEqual(forced.stdout.strip(), "() False", forced.stderr[-2000:])
+        self.assertEqual(forced.stdout.strip(), "() () {'fast_paths': 'off (MVD_FAST_KERNELS=0)'}",
+                         forced.stderr[-2000:])
+
+    def test_speedup_times_the_two_in_turn_and_takes_the_fastest_of_each(self):
+        plain, fast, order = iter([9.0, 3.0, 2.0, 2.5]), iter([9.0, 1.5, 4.0, 1.0]), []  # warm-up call, 3 rounds
+        def timed(name, times):  # a call "takes" the time it returns
+            return lambda: order.append(name) or next(times)
+        with mock.patch.object(M.timeit, "timeit", lambda f, number: f()):
+            self.assertEqual(M.speedup(timed("plain", plain), timed("fast", fast), rounds=3), 2.0)  # 2.0 / 1.0
+        self.assertEqual(order, ["plain", "fast"] * 4)
+        a = torch.randn(128, 128)  # real timings: a product against itself done 8 times (0.125x)
+        self.assertLess(M.speedup(lambda: a @ a, lambda: [a @ a for _ in range(8)], rounds=5), 0.5)
+
+    def test_fast_paths_used_only_where_timed_faster(self):
+        # mocked timings both ways: (oneDNN linear, product attention) against F.linear and SDPA, in every dtype timed
+        cases = (((3.0, 0.5), ((torch.float32,), ())), ((0.5, 3.0), ((), (torch.float32,))),
+                 ((M.FAST_MARGIN, 0.99 * M.FAST_MARGIN), ((torch.float32,), ())), ((1.0, 1.0), ((), ())))
+        for (linear, attention), (want_linear, want_attention) in cases:
+            timings = mock.Mock(return_value=dict(onednn_linear=linear, product_attention=attention))
+            with mock.patch.object(M, "time_fast_paths", timings), mock.patch.dict(os.environ, MVD_FAST_KERNELS="1"):
+                M.cpu_kernels.cache_clear()
+                try:
+                    k, printed = M.cpu_kernels(), M.cpu_kernels().summary
+                finally:
+                    M.cpu_kernels.cache_clear()  # the next call probes this CPU again
+            bf16 = (torch.bfloat16,) if k.bf16 else ()  # timed in bf16 too where the CPU has the units
+            self.assertEqual((k.onednn_linear, k.product_attention),
+                             (want_linear and want_linear + bf16, want_attention and want_attention + bf16))
+            self.assertEqual([call.args[0] for call in timings.call_args_list], [torch.float32, *bf16])
+            self.assertEqual(printed["onednn_linear float32"], f"{linear:.2f}x " + ("used" if want_linear else "off"))
+            self.assertEqual(printed["product_attention float32"],
+                             f"{attention:.2f}x " + ("used" if want_attention else "off"))
+        with mock.patch.object(M, "time_fast_paths") as timings, mock.patch.dict(os.environ, MVD_FAST_KERNELS="0"):
+            M.cpu_kernels.cache_clear()
+            try:
+                k = M.cpu_kernels()
+            finally:
+                M.cpu_kernels.cache_clear()
+        self.assertFalse(timings.called)  # plain PyTorch forced: nothing timed, nothing used
+        self.assertEqual((k.onednn_linear, k.product_attention), ((), ()))
+
+    def test_one_rank_decides_for_all_under_torchrun(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        script = os.path.join(tmp.name, "decide.py")
+        with open(script, "w") as f:  # rank 1's own timings would say the opposite of rank 0's
+            f.write("import os, sys\nfrom unittest import mock\nsys.path.insert(0, %r)\nimport model\n"
+                    "rank = int(os.environ['RANK'])\n"
+                    "timings = mock.Mock(return_value=dict(onednn_linear=3.0 if rank == 0 else 0.5,\n"
+                    "                                          product_attention=0.5 if rank == 0 else 3.0))\n"
+                    "with mock.patch.object(model, 'time_fast_paths', timings):\n"
+                    "    k = model.cpu_kernels()\n"
+                    "line = f'rank {rank} timed {timings.called} {k.onednn_linear} {k.product_attention}\\n'\n"
+                    "os.write(1, line.encode())  # one write: the two ranks share the pipe\n" % HERE)
+        result = run_ddp(script, {}, nproc=2)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+        fast = os.environ.get("MVD_FAST_KERNELS") != "0"
+        decided = str(((torch.float32, torch.bfloat16) if M.cpu_kernels().bf16 else (torch.float32,)) if fast else ())
+        self.assertEqual(lines, [f"rank 0 timed {fast} {decided} ()", f"rank 1 timed False {decided} ()"])
 
     def test_auto_precision_follows_the_timed_probe(self):
         state = torch.get_rng_state()
-        self.assertGreater(M.bf16_speedup(rounds=2), 0)
+        self.assertGreater(M.measure_cpu(fast=True)["probe_ms"], 0)
         self.assertTrue(torch.equal(state, torch.get_rng_state()))  # the run's random stream is left where it was
         for speedup, expected in ((3.0, "bf16"), (1.25, "bf16"), (1.1, "fp32"), (0.5, "fp32")):
-            with mock.patch.object(M, "bf16_speedup", lambda: speedup):
+            with mock.patch.object(M, "speedup", lambda *a, **kw: speedup):  # every timing says this
                 M.cpu_kernels.cache_clear()
                 try:
                     k, (precision, why) = M.cpu_kernels(), M.auto_precision(cuda=False)
@@ -397,6 +465,7 @@ class TestModelAttention(unittest.TestCase):
             F.scaled_dot_product_attention(q, k, v).sum().backward()
         self.assertEqual(counter.get_total_flops(), 14 * 2 * 3 * 50 * 50 * 16)  # 2 products forward, 5 backward
         x, w = torch.randn(7, 32), torch.randn(24, 32)
+        M.cpu_kernels()  # probed before (as setup_distributed does): the probe's own products are not the model's
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=M.FLOP_FORMULAS) as counter:
             M.linear(x, w, gelu=True)
         self.assertEqual(counter.get_total_flops(), 2 * 7 * 32 * 24)
@@ -2365,7 +2434,12 @@ class TestPretrainMAE(unittest.TestCase):
         common = ["--use_checkpoint", "--update_freq", "2", "--clip_grad", "1.5", "--seed", "7", "--no-auto_resume",
                   "--sampling_rate", "0", "--max_bad_videos", "3", "--precision", "auto", "--save_every_steps", "50"]
         for stage in (pretrain_mae, distill, finetune):
-            args = stage.get_args(common)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                args = stage.get_args(common)
+            if not torch.cuda.is_available():  # auto's one line names the CPU's fast paths, timed, and which it uses
+                self.assertIn("; CPU fast paths against plain PyTorch: " + ", ".join(
+                    f"{k} {v}" for k, v in M.cpu_kernels().summary.items()), out.getvalue())
             self.assertEqual((args.use_checkpoint, args.update_freq, args.clip_grad, args.seed, args.auto_resume,
                               args.sampling_rate, args.max_bad_videos), (True, 2, 1.5, 7, False, 0, 3), stage.__name__)
             self.assertEqual((args.save_every_steps, args.save_every_minutes), (50, 15))
@@ -2752,6 +2826,8 @@ class TestDistill(unittest.TestCase):
         self.assertAlmostEqual(result["achieved_gflops"], result["gflop_per_clip"] * result["clips_per_s"],
                                delta=0.05 * result["clips_per_s"] + 0.06)
         self.assertGreater(result["peak_rss_mb"], 50)
+        if not torch.cuda.is_available():  # the CPU's fast paths: each one's speedup, used or not
+            self.assertEqual(result["cpu_fast_paths"], M.cpu_kernels().summary)
         # FLOPs of one training step per clip, from the shapes: a ViT block costs 24 n D^2 (+ 4 n^2 D attention)
         # forward, a backward twice its forward (the student's tube embedding: weight gradient only)
         D, n_all, n_vis, n_mask, L, frames = 192, 64, 8, 56, 16, 4
