@@ -91,8 +91,9 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                         "only with fp16 units)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode each video once and keep it in memory (each worker its own copy): small sets of small "
-                        "videos, like the synthetic set, then load at the model's pace")
+                   help="decode each video once, before the loader's workers start, and keep it in memory (the "
+                        "workers share it): small sets of small videos, like the synthetic set, then load at the "
+                        "model's pace")
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
