@@ -240,23 +240,9 @@ def _whole_video(path):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unread
 
 
 def in_parallel(fn, items, num_workers):
-    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here)."""
-    return DataLoader(_Map(fn, items), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-
-
-def _as_is(item):  # (a function, not a lambda: picklable whatever the start method of the workers)
-    return item
-
-
-class _Map(Dataset):
-    def __init__(self, fn, items):
-        self.fn, self.items = fn, items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.fn(self.items[i])
+    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here). Without
+    batching (batch_size=None) a DataLoader applies its collate_fn to each item of the list, in the worker."""
+    return DataLoader(items, batch_size=None, num_workers=num_workers, collate_fn=fn)
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
