@@ -56,16 +56,13 @@ def get_args(argv=None):
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, "output/distill", drop_path=0.1)
     args = p.parse_args(argv)
-    fill_defaults(args, OFFICIAL if args.data_path else DEMO)
+    fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
     if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
         p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
                 "--video_teacher_loss_weight above 0")
-    if args.input_size % args.patch_size or args.num_frames % 2 or (
-            args.teacher_input_size % args.teacher_patch_size):
-        p.error("--input_size must be a multiple of --patch_size, --num_frames even and --teacher_input_size a "
-                "multiple of --teacher_patch_size")
-    if args.teacher_input_size // args.teacher_patch_size != args.input_size // args.patch_size:
+    # equal grids as fractions: the student's is whole (fill_defaults checks it), so the teacher's is whole too
+    if args.teacher_input_size * args.patch_size != args.input_size * args.teacher_patch_size:
         p.error(f"the image teacher's grid ({args.teacher_input_size} px / --teacher_patch_size "
                 f"{args.teacher_patch_size}) must equal the student's ({args.input_size} px / --patch_size "
                 f"{args.patch_size}): one teacher token per tube")

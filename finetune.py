@@ -84,15 +84,12 @@ def get_args(argv=None):
                         "as --data_path, centre crop of one clip, float32 (videos, D) in list order; exit")
     args = p.parse_args(argv)
     official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
-    fill_defaults(args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
+    fill_defaults(p, args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
     args.short_side_size = args.short_side_size or args.input_size
     magnitude_ops = re.fullmatch(r"rand-m(\d+)-n(\d+)(-.*)?", args.aa)
     if args.aa != "none" and not magnitude_ops:
         p.error(f"--aa {args.aa!r}: give 'none' or a RandAugment string like rand-m7-n4-mstd0.5-inc1")
     args.rand_augment = (int(magnitude_ops[2]), int(magnitude_ops[1])) if magnitude_ops else None  # (ops, magnitude)
-    if args.input_size % args.patch_size or args.num_frames % 2:
-        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
-                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     return args
 
 

@@ -112,13 +112,16 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                         "checkpoint (what the model sees and predicts) and exit; never trains")
 
 
-def fill_defaults(args, *tables):
-    """Flags left at None take the first table's value that has them; --precision auto becomes what this device computes
-    fastest (auto_precision), said in one line."""
+def fill_defaults(p, args, *tables):
+    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error);
+    --precision auto becomes what this device computes fastest (auto_precision), said in one line."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    if args.input_size % args.patch_size or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
+                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     if args.precision == "auto":
         cuda = torch.cuda.is_available()
         args.precision, why = auto_precision(cuda)
