@@ -42,13 +42,6 @@ VIDEOMAE_DECODER = {"vit_tiny": (96, 4, 3), "vit_small": (192, 4, 3), "vit_base"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def vit_config(size, **overrides):
-    """VIT_SIZES[size] with any of dim/depth/heads replaced: vit_config("vit_tiny", depth=2) is a test config."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
-    return {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
-
-
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
@@ -373,10 +366,6 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def stochastic_depths(drop_path, depth):
-    return torch.linspace(0, drop_path, depth).tolist()  # rises linearly from 0 to drop_path over the blocks
-
-
 def run_blocks(blocks, x, use_checkpoint=False):
     for block in blocks:
         if use_checkpoint and torch.is_grad_enabled():  # recompute activations in backward: memory for time
@@ -413,7 +402,9 @@ class Encoder(nn.Module):
                  cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, attn_drop=0.0,
                  use_checkpoint=False, **overrides):
         super().__init__()
-        cfg = vit_config(size, **overrides)
+        if size not in VIT_SIZES:
+            raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
+        cfg = {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}  # depth=2: a test config
         self.dim, self.depth, self.heads = cfg["dim"], cfg["depth"], cfg["heads"]
         self.patch_size, self.tubelet_size, self.use_checkpoint = patch_size, tubelet_size, use_checkpoint
         image = pos == "2d"
@@ -425,8 +416,8 @@ class Encoder(nn.Module):
             table = torch.cat([torch.zeros(1, self.dim), table])  # MAE's table has a zero row for the cls token
         self.register_buffer("pos_embed", table[None], persistent=persistent_pos)  # (1, [1+]N, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim)) if cls_token else None
-        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, attn_drop)
-                                    for dp in stochastic_depths(drop_path, self.depth))
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, attn_drop)  # drop path rising from 0
+                                    for dp in torch.linspace(0, drop_path, self.depth).tolist())
         self.norm = nn.LayerNorm(self.dim, eps=1e-6) if final_norm else nn.Identity()
 
     def embed(self, x, mask=None):  # (B, 3, [T,] H, W) -> (B, [1+]N_vis, D)
@@ -460,7 +451,7 @@ class Decoder(nn.Module):
 
     def __init__(self, dim, depth, heads, out_dim, drop_path=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, dp) for dp in stochastic_depths(drop_path, depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, dp) for dp in torch.linspace(0, drop_path, depth).tolist())
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
 
