@@ -438,11 +438,8 @@ class VideoDataset(SeededDataset):
         """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing); in pretraining
         (num_clips * T, 3, H, W): num_sample clips at num_sample places of the video, decoded in one pass."""
         num_clips = self.num_sample if self.mode == "pretrain" else 1
-
-        def indices(num_video_frames):
-            return clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.sampling, view,
-                                self.test_num_segment, num_clips)
-        return self.reader(path, indices).permute(0, 3, 1, 2)
+        return self.reader(path, lambda n: clip_indices(n, self.num_frames, self.sampling_rate, self.sampling, view,
+                                                        self.test_num_segment, num_clips)).permute(0, 3, 1, 2)
 
     def get(self, index):
         """A sample, or a list of num_sample samples of one video (make_loader's batches hold every one of them)."""

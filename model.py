@@ -209,18 +209,6 @@ def measure_cpu(fast):
     return {**found, "probe_ms": round(1000 * (time.perf_counter() - begin))}
 
 
-def measured_by_rank_0(measure):
-    """measure() here, or under torchrun in rank 0 alone, whose result every rank reads from torchrun's store (the
-    process group does not exist yet when --precision auto is decided): all ranks take the same decisions, whatever
-    their own timings would have said."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return measure()
-    store, rank, _ = torchrun_store()
-    if rank == 0:
-        store.set("cpu_kernels", json.dumps(measure()))
-    return json.loads(store.get("cpu_kernels"))
-
-
 @functools.cache
 def cpu_kernels():
     """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ: with bf16
@@ -232,7 +220,14 @@ def cpu_kernels():
     bf16 products BF16_MARGIN faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line
     print. MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
     fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
-    found = measured_by_rank_0(functools.partial(measure_cpu, fast))
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        found = measure_cpu(fast)
+    else:  # under torchrun rank 0 measures for all, through torchrun's store (the process group does not exist yet
+        # when --precision auto is decided): all ranks take the same decisions, whatever their own timings would say
+        store, rank, _ = torchrun_store()
+        if rank == 0:
+            store.set("cpu_kernels", json.dumps(measure_cpu(fast)))
+        found = json.loads(store.get("cpu_kernels"))
     used = {path: tuple(getattr(torch, name) for name, s in found[path].items() if s >= FAST_MARGIN)
             for path in FAST_PATHS}
     summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
@@ -855,18 +850,15 @@ def setup_distributed(precision):
     process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
     (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     if ddp:
         store, rank, world = torchrun_store()
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-    else:
-        device = torch.device("cuda" if cuda else "cpu")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     kernels = None if cuda else cpu_kernels()  # every rank, now: under torchrun rank 0 measures for all
     if kernels and precision == "fp16" and not kernels.fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
