@@ -72,10 +72,8 @@ def get_args(argv=None):
 def build_teacher(kind, args, device, dtype):
     """A frozen teacher in eval mode, encoder only: weights from --{kind}_teacher, else from pretrain_mae.py's default
     output, else random weights (a smoke test, said loudly). Its size comes from the flag, else from our checkpoint."""
-    path = getattr(args, f"{kind}_teacher")
     default = os.path.join("output", f"{kind}_mae", "checkpoint-last.pth")
-    if path is None and os.path.exists(default):
-        path = default
+    path = getattr(args, f"{kind}_teacher") or (default if os.path.exists(default) else None)
     saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth = saved.get("depth")  # our small test configs record their depth
@@ -227,9 +225,8 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     """Distillation steps on random clips (no data loading): one JSON line with time, memory and FLOP figures."""
     from torch.utils.flop_counter import FlopCounterMode
     B, S, T = args.batch_size, args.input_size, args.num_frames
-    grid = (T // 2, S // args.patch_size, S // args.patch_size)
     batch = {"video": torch.randint(256, (B, 3, T, S, S), dtype=torch.uint8),
-             "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
+             "mask": data.tube_mask(student.grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
     if args.teacher_input_size != S:
         batch["teacher_video"] = torch.randint(256, (B, 3, T, args.teacher_input_size, args.teacher_input_size),
                                                dtype=torch.uint8)

@@ -208,9 +208,8 @@ def main(args):
     # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
     torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
     raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
-                          drop_path=args.drop_path,
-                          head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
-                          use_checkpoint=args.use_checkpoint, depth=args.depth)
+                          drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
+                          pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth)
     if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
         raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
         raw.requires_grad_(False).head.requires_grad_(True)

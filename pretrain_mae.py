@@ -111,10 +111,8 @@ def main(args):
               "steps per epoch", flush=True)  # flushed before the loader's workers fork, or they print it again
 
     def loss_fn(batch):  # clips and images come as uint8 and are normalized here, on the device
-        mask = batch["mask"].to(env.device, non_blocking=True)
-        if video:
-            return model(data.normalize(batch["video"].to(env.device, non_blocking=True)), mask)[0], {}
-        return model(data.normalize(batch["image"].to(env.device, non_blocking=True)), mask=mask)[0], {}
+        inputs = batch["video" if video else "image"].to(env.device, non_blocking=True)
+        return model(data.normalize(inputs), mask=batch["mask"].to(env.device, non_blocking=True))[0], {}
 
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
     for epoch in range(start.epoch, args.epochs):
@@ -175,10 +173,10 @@ def visualize(args, env, model, checkpoint):
 def bench(args, env, model):
     """Training steps on random tensors: no data loading, one JSON line."""
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    B, S, grid = args.batch_size, args.input_size, (args.num_frames // 2, args.input_size // args.patch_size)
+    B, S = args.batch_size, args.input_size
     if args.mode == "video":
         inputs = torch.randn(B, 3, args.num_frames, S, S, device=env.device)
-        mask = data.tube_mask(data.mask_grid((grid[0], grid[1], grid[1]), args.mask_type), args.mask_ratio)
+        mask = data.tube_mask(data.mask_grid(model.encoder.grid, args.mask_type), args.mask_ratio)
         kwargs = dict(mask=mask[None].expand(B, -1).to(env.device))
     else:
         inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
