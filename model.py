@@ -526,16 +526,14 @@ class ImageMAE(Encoder):
     def __init__(self, size="vit_base", img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  drop_path=0.0, **overrides):
         super().__init__(size, img_size, patch_size, pos="2d", cls_token=True, drop_path=drop_path, **overrides)
-        if decoder_depth == 0:  # a teacher only: the encoder, as in MAE's released encoder-only checkpoints
-            init_weights(self)
-            return
-        self.decoder_embed = nn.Linear(self.dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
-        self.register_buffer("decoder_pos_embed", table[None])  # (1, 1+L, Dd)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
+        if decoder_depth:  # else a teacher only: the encoder, as in MAE's released encoder-only checkpoints
+            self.decoder_embed = nn.Linear(self.dim, decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+            table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
+            self.register_buffer("decoder_pos_embed", table[None])  # (1, 1+L, Dd)
+            self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+            self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+            self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
         init_weights(self)
 
     def teacher_features(self, images):  # (B, 3, H, W) -> (B, L, D)
@@ -589,14 +587,12 @@ class VideoMAE(nn.Module):
                                drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
         dd, depth, heads = VIDEOMAE_DECODER[size]
         dd, depth, heads = decoder_dim or dd, depth if decoder_depth is None else decoder_depth, decoder_heads or heads
-        if depth == 0:  # a teacher only: the encoder
-            init_weights(self)
-            return
-        self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        table = sinusoid_1d(dd, math.prod(self.encoder.grid)) if pos == "1d" else sincos_3d(dd, *self.encoder.grid)
-        self.register_buffer("pos_embed", table[None], persistent=False)
-        self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
+        if depth:  # else a teacher only: the encoder
+            self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+            table = sinusoid_1d(dd, math.prod(self.encoder.grid)) if pos == "1d" else sincos_3d(dd, *self.encoder.grid)
+            self.register_buffer("pos_embed", table[None], persistent=False)
+            self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
         init_weights(self)
 
     def teacher_features(self, video):  # (B, 3, T, H, W) -> (B, N, D) on the whole, unmasked clip
