@@ -33,8 +33,6 @@ LOSSES = {"SmoothL1": F.smooth_l1_loss, "L2": F.mse_loss, "L1": F.l1_loss}  # Sm
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="student size")
-    p.add_argument("--depth", type=int, help="override the student's depth (small test configs)")
     p.add_argument("--decoder_depth", type=int, default=2, help="blocks of each feature decoder")
     p.add_argument("--feat_decoder_embed_dim", type=int, help="decoder width (default: the student's; 512 for ViT-L)")
     p.add_argument("--feat_decoder_num_heads", type=int, help="decoder heads (default: the student's)")

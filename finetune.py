@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps,
-                   fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
+from model import (PREFIXES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults,
+                   load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
                    save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
@@ -45,8 +45,6 @@ LINEAR_PROBE = dict(blr=1e-3, weight_decay=0.0, drop_path=0.0, smoothing=0.0, mi
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
-    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--pos_embed", choices=["3d", "1d"], default="3d",
                    help="position table: 3d for MVD students, 1d for VideoMAE checkpoints (the table they learnt)")
     p.add_argument("--finetune", help="start from the encoder (and a head of the same class count) of this "

@@ -58,6 +58,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                        absolute_min_lr=False):
     """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
     after parsing' (the official recipe with --data_path, a demo without) by fill_defaults."""
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="size of the model this stage trains")
+    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
     p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
     p.add_argument("--num_frames", type=int)

@@ -15,10 +15,10 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume,
-                   save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint,
-                   training_step, unpatchify)
+from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, clips_per_video,
+                   fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
+                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step,
+                   unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -28,8 +28,6 @@ DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["image", "video"], default="video", help="which teacher to train")
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
-    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
     p.add_argument("--mask_type", choices=["tube", "random"], default="tube",
                    help="video: hide the same cells at every time step (official) or tubes anywhere in space and time, "
