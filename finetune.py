@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (PREFIXES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults,
-                   load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
-                   save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, training_step)
+from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults, load_checkpoint,
+                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, save_training_state, saved_args,
+                   setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -92,29 +92,21 @@ def get_args(argv=None):
 
 
 def load_pretrained(model, path, pos_embed="3d"):
-    """Weights of any checkpoint layout (model.load_checkpoint), after dropping a classifier head whose class count
-    differs from the model's, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
+    """Weights of any checkpoint layout (model.load_checkpoint), but a classifier head whose class count differs from
+    the model's is dropped, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
     state = read_checkpoint(path)
     recorded = saved_args(state)  # our checkpoints record their patch size and VideoMAE its position table
     patch = recorded.get("patch_size", model.patch_size)
     if patch != model.patch_size:
         raise ValueError(f"{path} was trained with patch size {patch}, this run has {model.patch_size}: pass "
                          f"--patch_size {patch}")
-    state = dict(state.get("model", state.get("module", state)))  # where our and the official checkpoints keep weights
-    own = model.state_dict()
-    for key in list(state):
-        name = key
-        while name.startswith(PREFIXES):
-            name = name.split(".", 1)[1]
-        if name in ("head.weight", "head.bias") and name in own and state[key].shape != own[name].shape:
-            print(f"dropping the checkpoint's {name} {tuple(state.pop(key).shape)}: this run has "
-                  f"{own[name].shape[0]} classes, the head starts fresh")
+    state = state.get("model", state.get("module", state))  # where our and the official checkpoints keep weights
     learnt_pos = recorded.get("pos_embed", "1d")  # official VideoMAE checkpoints: the 1d table
     if any(key.startswith("encoder.") for key in state) and learnt_pos != pos_embed:
         raise ValueError(f"{path} is a VideoMAE checkpoint trained with the {learnt_pos} position table, this run "
                          f"has {pos_embed}: pass --pos_embed {learnt_pos}")
     print(f"weights from {path}:", end=" ")
-    return load_checkpoint(model, state)
+    return load_checkpoint(model, state, fresh=("head.weight", "head.bias"))
 
 
 @torch.no_grad()

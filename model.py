@@ -724,10 +724,11 @@ def trained_checkpoint(args):
     return path
 
 
-def load_checkpoint(model, path_or_state_dict, verbose=True):
+def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
     """Load weights in any layout of SPEC into model; returns (missing, unexpected) key lists and prints one report.
     Nesting under 'model'/'module'/'state_dict', prefixes module./_orig_mod./backbone., encoder. (added or removed to fit
-    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept)."""
+    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept). A tensor
+    named in `fresh` whose shape differs from the model's is dropped, said in a line: that one starts fresh."""
     state = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
     while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("model", "module", "state_dict")):
         state = next(state[k] for k in ("model", "module", "state_dict") if isinstance(state.get(k), dict))
@@ -752,8 +753,11 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
             elif wants_encoder_prefix and "encoder." + key in own:
                 key = "encoder." + key
             clean[key] = value
-    for key, value in clean.items():
-        if key in own and own[key].shape != value.shape:
+    for key, value in list(clean.items()):
+        if key in own and own[key].shape != value.shape and key in fresh:
+            print(f"dropping the checkpoint's {key} {tuple(clean.pop(key).shape)}: this model's is "
+                  f"{tuple(own[key].shape)}, it starts fresh")
+        elif key in own and own[key].shape != value.shape:
             raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and --patch_size")
     fill = {k: v for k, v in own.items() if is_position_table(k)}  # keep the model's own tables
