@@ -340,22 +340,22 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden, drop=0.0):
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):  # fc1, exact GELU, fc2
-        return self.drop(linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias))
+        return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch under DropPath."""
 
-    def __init__(self, dim, heads, drop_path=0.0, attn_drop=0.0, mlp_ratio=4.0):
+    def __init__(self, dim, heads, drop_path=0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, attn_drop)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.attn = Attention(dim, heads)
+        self.mlp = Mlp(dim, 4 * dim)  # MLP ratio 4
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
@@ -396,8 +396,8 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, size="vit_base", img_size=224, patch_size=16, num_frames=16, tubelet_size=2, pos="3d",
-                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, attn_drop=0.0,
-                 use_checkpoint=False, **overrides):
+                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, use_checkpoint=False,
+                 **overrides):
         super().__init__()
         if size not in VIT_SIZES:
             raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
@@ -413,7 +413,7 @@ class Encoder(nn.Module):
             table = torch.cat([torch.zeros(1, self.dim), table])  # MAE's table has a zero row for the cls token
         self.register_buffer("pos_embed", table[None], persistent=persistent_pos)  # (1, [1+]N, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim)) if cls_token else None
-        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, attn_drop)  # drop path rising from 0
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp)  # drop path rising from 0
                                     for dp in torch.linspace(0, drop_path, self.depth).tolist())
         self.norm = nn.LayerNorm(self.dim, eps=1e-6) if final_norm else nn.Identity()
 
@@ -548,11 +548,10 @@ class ImageMAE(Encoder):
         """Teacher features of every frame_stride-th frame of a clip, in the student's tube order.
         (B, 3, T, H, W) -> (B, T/frame_stride * L, D). The 2D patch embedding runs as a Conv3d of temporal size 1 and
         stride frame_stride over the clip itself, so the frames are never gathered into an image batch (no copy)."""
-        B = video.shape[0]
         w = self.patch_embed.proj.weight.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
         p = self.patch_size
         x = F.conv3d(video, w, self.patch_embed.proj.bias, stride=(frame_stride, p, p))  # (B, D, t, h, w)
-        t = x.shape[2]
+        B, _, t = x.shape[:3]
         x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * t, -1, self.dim)  # (B, D, t, L) -> (B*t, L, D)
         x = x + self.pos_embed[:, 1:].to(x.dtype)
         x = torch.cat([self.cls_token.expand(B * t, -1, -1).to(x.dtype), x], dim=1)
