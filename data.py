@@ -206,11 +206,10 @@ def read_list(list_path):
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] of a list (read_list); files listed but missing are skipped."""
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
-    missing = [path for path, _ in videos if not os.path.exists(path)]
+    missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
         print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist and are skipped, "
-              f"e.g. {', '.join(missing[:3])}", flush=True)
-    missing = set(missing)
+              f"e.g. {', '.join(list(missing)[:3])}", flush=True)
     return [(path, label) for path, label in videos if path not in missing]
 
 

@@ -821,8 +821,7 @@ def param_groups(model, weight_decay, layer_decay=None, depth=None):
         decay = 0.0 if p.ndim < 2 or "token" in name else weight_decay
         layer = layer_id(name, depth) if layer_decay is not None else 0
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
-        group = groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})
-        group["params"].append(p)
+        groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
     return list(groups.values())
 
 

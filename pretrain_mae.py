@@ -45,9 +45,8 @@ def get_args(argv=None):
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, None)
     args = p.parse_args(argv)
-    fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
-    args.mask_ratio = args.mask_ratio if args.mask_ratio is not None else {"image": 0.75, "video": 0.9}[args.mode]
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.mode}_mae")
+    fill_defaults(p, args, OFFICIAL if args.data_path else DEMO, dict(
+        mask_ratio={"image": 0.75, "video": 0.9}[args.mode], output_dir=os.path.join("output", f"{args.mode}_mae")))
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     return args
