@@ -779,7 +779,6 @@ def summarize(keys):
 def save_checkpoint(path, **state):
     """Atomic save: write a temporary file in the same folder, flush and fsync it, then rename it over `path`. A run
     killed at any moment leaves either the old or the new checkpoint, never half of one. Weights go under 'model'."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"  # one name: the file a process killed mid-write leaves is overwritten by the next save
