@@ -759,15 +759,27 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     return new_list
 
 
-def _prepare_video(job, **settings):  # -> (source, None or why it failed)
+def _prepare_video(job, short_side, keyframe_interval, crf, x264):
+    """(source, target) -> (source, None or why it failed). Writes source's frames to target as H.264 in mp4, resized
+    (by swscale, area) to a short side of at most short_side with even sides (yuv420p), one frame for each decoded
+    frame at the source's average rate (frame i of the copy is frame i of the source)."""
     source, target = job
     partial = target + ".part"
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        frames = transcode(source, partial, **settings)
+        with av.open(source) as container:
+            stream = _video_stream(container, source)
+            scale = min(1.0, short_side / min(stream.width, stream.height))
+            width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
+            frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA")
+                      for frame in container.decode(stream))
+            count = write_video(partial, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
+                                {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
+        if not count:
+            raise ValueError("no frames decoded")
         with av.open(partial, format="mp4") as container:  # verify: every frame decodes
-            if sum(1 for _ in container.decode(video=0)) != frames:
-                raise ValueError(f"the copy does not decode to the original's {frames} frames")
+            if sum(1 for _ in container.decode(video=0)) != count:
+                raise ValueError(f"the copy does not decode to the original's {count} frames")
         with open(partial, "rb") as f:
             os.fsync(f.fileno())  # on disk before it takes its final name
         os.replace(partial, target)
@@ -776,22 +788,6 @@ def _prepare_video(job, **settings):  # -> (source, None or why it failed)
         if os.path.exists(partial):
             os.unlink(partial)
         return source, f"{type(error).__name__}: {error}"
-
-
-def transcode(source, target, short_side, keyframe_interval, crf, x264=PREPARE_X264):
-    """Write source's frames to target as H.264 in mp4, resized (by swscale, area) to a short side of at most
-    short_side with even sides (yuv420p), one frame for each decoded frame at the source's average rate (frame i of
-    the copy is frame i of the source). -> the number of frames."""
-    with av.open(source) as container:
-        stream = _video_stream(container, source)
-        scale = min(1.0, short_side / min(stream.width, stream.height))
-        width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
-        frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA") for frame in container.decode(stream))
-        count = write_video(target, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
-                            {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
-    if not count:
-        raise ValueError("no frames decoded")
-    return count
 
 
 def _write_atomically(path, text):
