@@ -206,11 +206,10 @@ def read_list(list_path):
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] of a list (read_list); files listed but missing are skipped."""
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
-    missing = [path for path, _ in videos if not os.path.exists(path)]
+    missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
         print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist and are skipped, "
-              f"e.g. {', '.join(missing[:3])}", flush=True)
-    missing = set(missing)
+              f"e.g. {', '.join(list(missing)[:3])}", flush=True)
     return [(path, label) for path, label in videos if path not in missing]
 
 
@@ -240,23 +239,9 @@ def _whole_video(path):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unread
 
 
 def in_parallel(fn, items, num_workers):
-    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here)."""
-    return DataLoader(_Map(fn, items), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-
-
-def _as_is(item):  # (a function, not a lambda: picklable whatever the start method of the workers)
-    return item
-
-
-class _Map(Dataset):
-    def __init__(self, fn, items):
-        self.fn, self.items = fn, items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.fn(self.items[i])
+    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here). Without
+    batching (batch_size=None) a DataLoader applies its collate_fn to each item of the list, in the worker."""
+    return DataLoader(items, batch_size=None, num_workers=num_workers, collate_fn=fn)
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
@@ -452,11 +437,8 @@ class VideoDataset(SeededDataset):
         """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing); in pretraining
         (num_clips * T, 3, H, W): num_sample clips at num_sample places of the video, decoded in one pass."""
         num_clips = self.num_sample if self.mode == "pretrain" else 1
-
-        def indices(num_video_frames):
-            return clip_indices(num_video_frames, self.num_frames, self.sampling_rate, self.sampling, view,
-                                self.test_num_segment, num_clips)
-        return self.reader(path, indices).permute(0, 3, 1, 2)
+        return self.reader(path, lambda n: clip_indices(n, self.num_frames, self.sampling_rate, self.sampling, view,
+                                                        self.test_num_segment, num_clips)).permute(0, 3, 1, 2)
 
     def get(self, index):
         """A sample, or a list of num_sample samples of one video (make_loader's batches hold every one of them)."""
@@ -777,15 +759,27 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     return new_list
 
 
-def _prepare_video(job, **settings):  # -> (source, None or why it failed)
+def _prepare_video(job, short_side, keyframe_interval, crf, x264):
+    """(source, target) -> (source, None or why it failed). Writes source's frames to target as H.264 in mp4, resized
+    (by swscale, area) to a short side of at most short_side with even sides (yuv420p), one frame for each decoded
+    frame at the source's average rate (frame i of the copy is frame i of the source)."""
     source, target = job
     partial = target + ".part"
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        frames = transcode(source, partial, **settings)
+        with av.open(source) as container:
+            stream = _video_stream(container, source)
+            scale = min(1.0, short_side / min(stream.width, stream.height))
+            width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
+            frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA")
+                      for frame in container.decode(stream))
+            count = write_video(partial, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
+                                {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
+        if not count:
+            raise ValueError("no frames decoded")
         with av.open(partial, format="mp4") as container:  # verify: every frame decodes
-            if sum(1 for _ in container.decode(video=0)) != frames:
-                raise ValueError(f"the copy does not decode to the original's {frames} frames")
+            if sum(1 for _ in container.decode(video=0)) != count:
+                raise ValueError(f"the copy does not decode to the original's {count} frames")
         with open(partial, "rb") as f:
             os.fsync(f.fileno())  # on disk before it takes its final name
         os.replace(partial, target)
@@ -794,22 +788,6 @@ def _prepare_video(job, **settings):  # -> (source, None or why it failed)
         if os.path.exists(partial):
             os.unlink(partial)
         return source, f"{type(error).__name__}: {error}"
-
-
-def transcode(source, target, short_side, keyframe_interval, crf, x264=PREPARE_X264):
-    """Write source's frames to target as H.264 in mp4, resized (by swscale, area) to a short side of at most
-    short_side with even sides (yuv420p), one frame for each decoded frame at the source's average rate (frame i of
-    the copy is frame i of the source). -> the number of frames."""
-    with av.open(source) as container:
-        stream = _video_stream(container, source)
-        scale = min(1.0, short_side / min(stream.width, stream.height))
-        width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
-        frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA") for frame in container.decode(stream))
-        count = write_video(target, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
-                            {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
-    if not count:
-        raise ValueError("no frames decoded")
-    return count
 
 
 def _write_atomically(path, text):

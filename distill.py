@@ -33,8 +33,6 @@ LOSSES = {"SmoothL1": F.smooth_l1_loss, "L2": F.mse_loss, "L1": F.l1_loss}  # Sm
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="student size")
-    p.add_argument("--depth", type=int, help="override the student's depth (small test configs)")
     p.add_argument("--decoder_depth", type=int, default=2, help="blocks of each feature decoder")
     p.add_argument("--feat_decoder_embed_dim", type=int, help="decoder width (default: the student's; 512 for ViT-L)")
     p.add_argument("--feat_decoder_num_heads", type=int, help="decoder heads (default: the student's)")
@@ -56,16 +54,13 @@ def get_args(argv=None):
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, "output/distill", drop_path=0.1)
     args = p.parse_args(argv)
-    fill_defaults(args, OFFICIAL if args.data_path else DEMO)
+    fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
     if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
         p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
                 "--video_teacher_loss_weight above 0")
-    if args.input_size % args.patch_size or args.num_frames % 2 or (
-            args.teacher_input_size % args.teacher_patch_size):
-        p.error("--input_size must be a multiple of --patch_size, --num_frames even and --teacher_input_size a "
-                "multiple of --teacher_patch_size")
-    if args.teacher_input_size // args.teacher_patch_size != args.input_size // args.patch_size:
+    # equal grids as fractions: the student's is whole (fill_defaults checks it), so the teacher's is whole too
+    if args.teacher_input_size * args.patch_size != args.input_size * args.teacher_patch_size:
         p.error(f"the image teacher's grid ({args.teacher_input_size} px / --teacher_patch_size "
                 f"{args.teacher_patch_size}) must equal the student's ({args.input_size} px / --patch_size "
                 f"{args.patch_size}): one teacher token per tube")
@@ -75,10 +70,8 @@ def get_args(argv=None):
 def build_teacher(kind, args, device, dtype):
     """A frozen teacher in eval mode, encoder only: weights from --{kind}_teacher, else from pretrain_mae.py's default
     output, else random weights (a smoke test, said loudly). Its size comes from the flag, else from our checkpoint."""
-    path = getattr(args, f"{kind}_teacher")
     default = os.path.join("output", f"{kind}_mae", "checkpoint-last.pth")
-    if path is None and os.path.exists(default):
-        path = default
+    path = getattr(args, f"{kind}_teacher") or (default if os.path.exists(default) else None)
     saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth = saved.get("depth")  # our small test configs record their depth
@@ -230,9 +223,8 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
     """Distillation steps on random clips (no data loading): one JSON line with time, memory and FLOP figures."""
     from torch.utils.flop_counter import FlopCounterMode
     B, S, T = args.batch_size, args.input_size, args.num_frames
-    grid = (T // 2, S // args.patch_size, S // args.patch_size)
     batch = {"video": torch.randint(256, (B, 3, T, S, S), dtype=torch.uint8),
-             "mask": data.tube_mask(grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
+             "mask": data.tube_mask(student.grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
     if args.teacher_input_size != S:
         batch["teacher_video"] = torch.randint(256, (B, 3, T, args.teacher_input_size, args.teacher_input_size),
                                                dtype=torch.uint8)

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (PREFIXES, VIT_SIZES, NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps,
-                   fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
-                   save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, training_step)
+from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults, load_checkpoint,
+                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, save_training_state, saved_args,
+                   setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -45,8 +45,6 @@ LINEAR_PROBE = dict(blr=1e-3, weight_decay=0.0, drop_path=0.0, smoothing=0.0, mi
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
-    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--pos_embed", choices=["3d", "1d"], default="3d",
                    help="position table: 3d for MVD students, 1d for VideoMAE checkpoints (the table they learnt)")
     p.add_argument("--finetune", help="start from the encoder (and a head of the same class count) of this "
@@ -84,42 +82,31 @@ def get_args(argv=None):
                         "as --data_path, centre crop of one clip, float32 (videos, D) in list order; exit")
     args = p.parse_args(argv)
     official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
-    fill_defaults(args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
+    fill_defaults(p, args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
     args.short_side_size = args.short_side_size or args.input_size
     magnitude_ops = re.fullmatch(r"rand-m(\d+)-n(\d+)(-.*)?", args.aa)
     if args.aa != "none" and not magnitude_ops:
         p.error(f"--aa {args.aa!r}: give 'none' or a RandAugment string like rand-m7-n4-mstd0.5-inc1")
     args.rand_augment = (int(magnitude_ops[2]), int(magnitude_ops[1])) if magnitude_ops else None  # (ops, magnitude)
-    if args.input_size % args.patch_size or args.num_frames % 2:
-        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
-                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     return args
 
 
 def load_pretrained(model, path, pos_embed="3d"):
-    """Weights of any checkpoint layout (model.load_checkpoint), after dropping a classifier head whose class count
-    differs from the model's, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
+    """Weights of any checkpoint layout (model.load_checkpoint), but a classifier head whose class count differs from
+    the model's is dropped, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
     state = read_checkpoint(path)
     recorded = saved_args(state)  # our checkpoints record their patch size and VideoMAE its position table
     patch = recorded.get("patch_size", model.patch_size)
     if patch != model.patch_size:
         raise ValueError(f"{path} was trained with patch size {patch}, this run has {model.patch_size}: pass "
                          f"--patch_size {patch}")
-    state = dict(state.get("model", state.get("module", state)))  # where our and the official checkpoints keep weights
-    own = model.state_dict()
-    for key in list(state):
-        name = key
-        while name.startswith(PREFIXES):
-            name = name.split(".", 1)[1]
-        if name in ("head.weight", "head.bias") and name in own and state[key].shape != own[name].shape:
-            print(f"dropping the checkpoint's {name} {tuple(state.pop(key).shape)}: this run has "
-                  f"{own[name].shape[0]} classes, the head starts fresh")
+    state = state.get("model", state.get("module", state))  # where our and the official checkpoints keep weights
     learnt_pos = recorded.get("pos_embed", "1d")  # official VideoMAE checkpoints: the 1d table
     if any(key.startswith("encoder.") for key in state) and learnt_pos != pos_embed:
         raise ValueError(f"{path} is a VideoMAE checkpoint trained with the {learnt_pos} position table, this run "
                          f"has {pos_embed}: pass --pos_embed {learnt_pos}")
     print(f"weights from {path}:", end=" ")
-    return load_checkpoint(model, state)
+    return load_checkpoint(model, state, fresh=("head.weight", "head.bias"))
 
 
 @torch.no_grad()
@@ -211,9 +198,8 @@ def main(args):
     # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
     torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
     raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
-                          drop_path=args.drop_path,
-                          head_drop=args.fc_drop_rate, init_scale=args.init_scale, pos=args.pos_embed,
-                          use_checkpoint=args.use_checkpoint, depth=args.depth)
+                          drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
+                          pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth)
     if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
         raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
         raw.requires_grad_(False).head.requires_grad_(True)

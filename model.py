@@ -42,13 +42,6 @@ VIDEOMAE_DECODER = {"vit_tiny": (96, 4, 3), "vit_small": (192, 4, 3), "vit_base"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def vit_config(size, **overrides):
-    """VIT_SIZES[size] with any of dim/depth/heads replaced: vit_config("vit_tiny", depth=2) is a test config."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
-    return {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
-
-
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
@@ -65,6 +58,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                        absolute_min_lr=False):
     """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
     after parsing' (the official recipe with --data_path, a demo without) by fill_defaults."""
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="size of the model this stage trains")
+    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
     p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
     p.add_argument("--num_frames", type=int)
@@ -113,13 +108,16 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                         "checkpoint (what the model sees and predicts) and exit; never trains")
 
 
-def fill_defaults(args, *tables):
-    """Flags left at None take the first table's value that has them; --precision auto becomes what this device computes
-    fastest (auto_precision), said in one line."""
+def fill_defaults(p, args, *tables):
+    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error);
+    --precision auto becomes what this device computes fastest (auto_precision), said in one line."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    if args.input_size % args.patch_size or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
+                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     if args.precision == "auto":
         cuda = torch.cuda.is_available()
         args.precision, why = auto_precision(cuda)
@@ -214,18 +212,6 @@ def measure_cpu(fast):
     return {**found, "probe_ms": round(1000 * (time.perf_counter() - begin))}
 
 
-def measured_by_rank_0(measure):
-    """measure() here, or under torchrun in rank 0 alone, whose result every rank reads from torchrun's store (the
-    process group does not exist yet when --precision auto is decided): all ranks take the same decisions, whatever
-    their own timings would have said."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return measure()
-    store, rank, _ = torchrun_store()
-    if rank == 0:
-        store.set("cpu_kernels", json.dumps(measure()))
-    return json.loads(store.get("cpu_kernels"))
-
-
 @functools.cache
 def cpu_kernels():
     """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ: with bf16
@@ -237,7 +223,14 @@ def cpu_kernels():
     bf16 products BF16_MARGIN faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line
     print. MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
     fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
-    found = measured_by_rank_0(functools.partial(measure_cpu, fast))
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        found = measure_cpu(fast)
+    else:  # under torchrun rank 0 measures for all, through torchrun's store (the process group does not exist yet
+        # when --precision auto is decided): all ranks take the same decisions, whatever their own timings would say
+        store, rank, _ = torchrun_store()
+        if rank == 0:
+            store.set("cpu_kernels", json.dumps(measure_cpu(fast)))
+        found = json.loads(store.get("cpu_kernels"))
     used = {path: tuple(getattr(torch, name) for name, s in found[path].items() if s >= FAST_MARGIN)
             for path in FAST_PATHS}
     summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
@@ -348,31 +341,27 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden, drop=0.0):
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):  # fc1, exact GELU, fc2
-        return self.drop(linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias))
+        return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch under DropPath."""
 
-    def __init__(self, dim, heads, drop_path=0.0, attn_drop=0.0, mlp_ratio=4.0):
+    def __init__(self, dim, heads, drop_path=0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, attn_drop)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.attn = Attention(dim, heads)
+        self.mlp = Mlp(dim, 4 * dim)  # MLP ratio 4
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def stochastic_depths(drop_path, depth):
-    return torch.linspace(0, drop_path, depth).tolist()  # rises linearly from 0 to drop_path over the blocks
 
 
 def run_blocks(blocks, x, use_checkpoint=False):
@@ -408,10 +397,12 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, size="vit_base", img_size=224, patch_size=16, num_frames=16, tubelet_size=2, pos="3d",
-                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, attn_drop=0.0,
-                 use_checkpoint=False, **overrides):
+                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, use_checkpoint=False,
+                 **overrides):
         super().__init__()
-        cfg = vit_config(size, **overrides)
+        if size not in VIT_SIZES:
+            raise ValueError(f"unknown model size {size!r}: choose one of {', '.join(VIT_SIZES)}")
+        cfg = {**VIT_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}  # depth=2: a test config
         self.dim, self.depth, self.heads = cfg["dim"], cfg["depth"], cfg["heads"]
         self.patch_size, self.tubelet_size, self.use_checkpoint = patch_size, tubelet_size, use_checkpoint
         image = pos == "2d"
@@ -423,8 +414,8 @@ class Encoder(nn.Module):
             table = torch.cat([torch.zeros(1, self.dim), table])  # MAE's table has a zero row for the cls token
         self.register_buffer("pos_embed", table[None], persistent=persistent_pos)  # (1, [1+]N, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim)) if cls_token else None
-        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, attn_drop)
-                                    for dp in stochastic_depths(drop_path, self.depth))
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp)  # drop path rising from 0
+                                    for dp in torch.linspace(0, drop_path, self.depth).tolist())
         self.norm = nn.LayerNorm(self.dim, eps=1e-6) if final_norm else nn.Identity()
 
     def embed(self, x, mask=None):  # (B, 3, [T,] H, W) -> (B, [1+]N_vis, D)
@@ -458,7 +449,7 @@ class Decoder(nn.Module):
 
     def __init__(self, dim, depth, heads, out_dim, drop_path=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, dp) for dp in stochastic_depths(drop_path, depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, dp) for dp in torch.linspace(0, drop_path, depth).tolist())
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
 
@@ -538,16 +529,14 @@ class ImageMAE(Encoder):
     def __init__(self, size="vit_base", img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  drop_path=0.0, **overrides):
         super().__init__(size, img_size, patch_size, pos="2d", cls_token=True, drop_path=drop_path, **overrides)
-        if decoder_depth == 0:  # a teacher only: the encoder, as in MAE's released encoder-only checkpoints
-            init_weights(self)
-            return
-        self.decoder_embed = nn.Linear(self.dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
-        self.register_buffer("decoder_pos_embed", table[None])  # (1, 1+L, Dd)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
+        if decoder_depth:  # else a teacher only: the encoder, as in MAE's released encoder-only checkpoints
+            self.decoder_embed = nn.Linear(self.dim, decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+            table = torch.cat([torch.zeros(1, decoder_dim), sincos_2d(decoder_dim, *self.grid)])
+            self.register_buffer("decoder_pos_embed", table[None])  # (1, 1+L, Dd)
+            self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+            self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+            self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
         init_weights(self)
 
     def teacher_features(self, images):  # (B, 3, H, W) -> (B, L, D)
@@ -560,11 +549,10 @@ class ImageMAE(Encoder):
         """Teacher features of every frame_stride-th frame of a clip, in the student's tube order.
         (B, 3, T, H, W) -> (B, T/frame_stride * L, D). The 2D patch embedding runs as a Conv3d of temporal size 1 and
         stride frame_stride over the clip itself, so the frames are never gathered into an image batch (no copy)."""
-        B = video.shape[0]
         w = self.patch_embed.proj.weight.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
         p = self.patch_size
         x = F.conv3d(video, w, self.patch_embed.proj.bias, stride=(frame_stride, p, p))  # (B, D, t, h, w)
-        t = x.shape[2]
+        B, _, t = x.shape[:3]
         x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * t, -1, self.dim)  # (B, D, t, L) -> (B*t, L, D)
         x = x + self.pos_embed[:, 1:].to(x.dtype)
         x = torch.cat([self.cls_token.expand(B * t, -1, -1).to(x.dtype), x], dim=1)
@@ -601,14 +589,12 @@ class VideoMAE(nn.Module):
                                drop_path=drop_path, use_checkpoint=use_checkpoint, **overrides)
         dd, depth, heads = VIDEOMAE_DECODER[size]
         dd, depth, heads = decoder_dim or dd, depth if decoder_depth is None else decoder_depth, decoder_heads or heads
-        if depth == 0:  # a teacher only: the encoder
-            init_weights(self)
-            return
-        self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        table = sinusoid_1d(dd, math.prod(self.encoder.grid)) if pos == "1d" else sincos_3d(dd, *self.encoder.grid)
-        self.register_buffer("pos_embed", table[None], persistent=False)
-        self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
+        if depth:  # else a teacher only: the encoder
+            self.encoder_to_decoder = nn.Linear(self.encoder.dim, dd, bias=False)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+            table = sinusoid_1d(dd, math.prod(self.encoder.grid)) if pos == "1d" else sincos_3d(dd, *self.encoder.grid)
+            self.register_buffer("pos_embed", table[None], persistent=False)
+            self.decoder = Decoder(dd, depth, heads, tubelet_size * patch_size * patch_size * 3, drop_path)
         init_weights(self)
 
     def teacher_features(self, video):  # (B, 3, T, H, W) -> (B, N, D) on the whole, unmasked clip
@@ -738,10 +724,11 @@ def trained_checkpoint(args):
     return path
 
 
-def load_checkpoint(model, path_or_state_dict, verbose=True):
+def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
     """Load weights in any layout of SPEC into model; returns (missing, unexpected) key lists and prints one report.
     Nesting under 'model'/'module'/'state_dict', prefixes module./_orig_mod./backbone., encoder. (added or removed to fit
-    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept)."""
+    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept). A tensor
+    named in `fresh` whose shape differs from the model's is dropped, said in a line: that one starts fresh."""
     state = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
     while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("model", "module", "state_dict")):
         state = next(state[k] for k in ("model", "module", "state_dict") if isinstance(state.get(k), dict))
@@ -766,8 +753,11 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
             elif wants_encoder_prefix and "encoder." + key in own:
                 key = "encoder." + key
             clean[key] = value
-    for key, value in clean.items():
-        if key in own and own[key].shape != value.shape:
+    for key, value in list(clean.items()):
+        if key in own and own[key].shape != value.shape and key in fresh:
+            print(f"dropping the checkpoint's {key} {tuple(clean.pop(key).shape)}: this model's is "
+                  f"{tuple(own[key].shape)}, it starts fresh")
+        elif key in own and own[key].shape != value.shape:
             raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and --patch_size")
     fill = {k: v for k, v in own.items() if is_position_table(k)}  # keep the model's own tables
@@ -790,7 +780,6 @@ def summarize(keys):
 def save_checkpoint(path, **state):
     """Atomic save: write a temporary file in the same folder, flush and fsync it, then rename it over `path`. A run
     killed at any moment leaves either the old or the new checkpoint, never half of one. Weights go under 'model'."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"  # one name: the file a process killed mid-write leaves is overwritten by the next save
@@ -832,8 +821,7 @@ def param_groups(model, weight_decay, layer_decay=None, depth=None):
         decay = 0.0 if p.ndim < 2 or "token" in name else weight_decay
         layer = layer_id(name, depth) if layer_decay is not None else 0
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
-        group = groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})
-        group["params"].append(p)
+        groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
     return list(groups.values())
 
 
@@ -862,18 +850,15 @@ def setup_distributed(precision):
     process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
     (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     if ddp:
         store, rank, world = torchrun_store()
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-    else:
-        device = torch.device("cuda" if cuda else "cpu")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     kernels = None if cuda else cpu_kernels()  # every rank, now: under torchrun rank 0 measures for all
     if kernels and precision == "fp16" and not kernels.fp16:
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "

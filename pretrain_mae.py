@@ -15,10 +15,10 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume,
-                   save_training_state, saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint,
-                   training_step, unpatchify)
+from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, clips_per_video,
+                   fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
+                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step,
+                   unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -28,8 +28,6 @@ DEMO = dict(epochs=2, warmup_epochs=1, batch_size=4, input_size=64, num_frames=8
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["image", "video"], default="video", help="which teacher to train")
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base")
-    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
     p.add_argument("--mask_ratio", type=float, help="fraction hidden: default 0.75 (image) or 0.9 (video)")
     p.add_argument("--mask_type", choices=["tube", "random"], default="tube",
                    help="video: hide the same cells at every time step (official) or tubes anywhere in space and time, "
@@ -47,14 +45,10 @@ def get_args(argv=None):
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, None)
     args = p.parse_args(argv)
-    fill_defaults(args, OFFICIAL if args.data_path else DEMO)
-    args.mask_ratio = args.mask_ratio if args.mask_ratio is not None else {"image": 0.75, "video": 0.9}[args.mode]
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.mode}_mae")
+    fill_defaults(p, args, OFFICIAL if args.data_path else DEMO, dict(
+        mask_ratio={"image": 0.75, "video": 0.9}[args.mode], output_dir=os.path.join("output", f"{args.mode}_mae")))
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
-    if args.input_size % args.patch_size or args.num_frames % 2:
-        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
-                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
     return args
 
 
@@ -114,10 +108,8 @@ def main(args):
               "steps per epoch", flush=True)  # flushed before the loader's workers fork, or they print it again
 
     def loss_fn(batch):  # clips and images come as uint8 and are normalized here, on the device
-        mask = batch["mask"].to(env.device, non_blocking=True)
-        if video:
-            return model(data.normalize(batch["video"].to(env.device, non_blocking=True)), mask)[0], {}
-        return model(data.normalize(batch["image"].to(env.device, non_blocking=True)), mask=mask)[0], {}
+        inputs = batch["video" if video else "image"].to(env.device, non_blocking=True)
+        return model(data.normalize(inputs), mask=batch["mask"].to(env.device, non_blocking=True))[0], {}
 
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
     for epoch in range(start.epoch, args.epochs):
@@ -178,10 +170,10 @@ def visualize(args, env, model, checkpoint):
 def bench(args, env, model):
     """Training steps on random tensors: no data loading, one JSON line."""
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    B, S, grid = args.batch_size, args.input_size, (args.num_frames // 2, args.input_size // args.patch_size)
+    B, S = args.batch_size, args.input_size
     if args.mode == "video":
         inputs = torch.randn(B, 3, args.num_frames, S, S, device=env.device)
-        mask = data.tube_mask(data.mask_grid((grid[0], grid[1], grid[1]), args.mask_type), args.mask_ratio)
+        mask = data.tube_mask(data.mask_grid(model.encoder.grid, args.mask_type), args.mask_ratio)
         kwargs = dict(mask=mask[None].expand(B, -1).to(env.device))
     else:
         inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
