@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
+import torchvision
 
 VIT_SIZES = {
     "vit_tiny": dict(dim=192, depth=12, heads=3),
@@ -326,18 +327,10 @@ class Attention(nn.Module):
         return linear(x.transpose(1, 2).reshape(B, N, D), self.proj.weight, self.proj.bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch of whole samples with probability p, scale the kept ones by 1/(1-p)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+def DropPath(p):
+    """Stochastic depth (timm's DropPath in the official code): in training, drop the residual branch of whole samples
+    with probability p and scale the kept ones by 1/(1-p)."""
+    return torchvision.ops.StochasticDepth(p, mode="row")
 
 
 class Mlp(nn.Module):
