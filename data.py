@@ -104,8 +104,10 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     out, previous, index, skipped, held, fed = {}, None, -1, set(), [], set()
     # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame,
     # which costs 5-10x the decoding itself (2.3 ms a 64-px frame, 2.8 ms at 340x256, on 2 cores); the same context
-    # reused gives the same pixels.
-    rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24")
+    # reused gives the same pixels. On one thread: PyAV converts on every core unless told otherwise, 2-3x slower for
+    # frames of this size (0.12-0.17 against 0.05 ms at 340x256), and a loader worker per core must not start a
+    # thread per core.
+    rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24", threads=1)
     for packet in container.demux(stream):
         n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
         needed = n is None or n in wanted
@@ -762,7 +764,9 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
 def _prepare_video(job, short_side, keyframe_interval, crf, x264):
     """(source, target) -> (source, None or why it failed). Writes source's frames to target as H.264 in mp4, resized
     (by swscale, area) to a short side of at most short_side with even sides (yuv420p), one frame for each decoded
-    frame at the source's average rate (frame i of the copy is frame i of the source)."""
+    frame at the source's average rate (frame i of the copy is frame i of the source). The copy's colours are in the
+    BT.601 matrix and limited range, what a reader assumes of an untagged stream: a source in BT.709 (most HD
+    footage) or full range (JPEG, PNG, RGB) is converted from what its frames say, not copied number for number."""
     source, target = job
     partial = target + ".part"
     try:
@@ -771,8 +775,8 @@ def _prepare_video(job, short_side, keyframe_interval, crf, x264):
             stream = _video_stream(container, source)
             scale = min(1.0, short_side / min(stream.width, stream.height))
             width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
-            frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA")
-                      for frame in container.decode(stream))
+            frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA", dst_colorspace="ITU601",
+                                     dst_color_range="MPEG", threads=1) for frame in container.decode(stream))
             count = write_video(partial, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
                                 {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
         if not count:

@@ -4,6 +4,7 @@ check numbers against independent computations. The run ends with one line `N pa
 import argparse
 import contextlib
 import csv
+import fractions
 import importlib.util
 import io
 import itertools
@@ -1703,6 +1704,34 @@ class TestPrepare(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(out, "c/odd.avi.mp4.part")))
         with self.assertRaisesRegex(ValueError, "other settings"):  # copies of other settings are not mixed in
             self.prepare(out, keyframe_interval=16)
+
+    def test_copies_of_bt709_and_full_range_sources_read_back_as_the_originals(self):
+        """Most HD footage is tagged BT.709, JPEG frames are full range: the copies (untagged: BT.601, limited range)
+        are converted by those tags, so they read back with the originals' colours, not with their numbers."""
+        src = tempfile.mkdtemp(dir=TMP)
+        frames = smooth_frames(12, 48, 64, seed=3)
+        for name, colorspace, color_range in (("bt709.mp4", "ITU709", "MPEG"), ("full.mp4", "ITU601", "JPEG")):
+            with data.av.open(os.path.join(src, name), "w") as container:
+                stream = container.add_stream("libx264", rate=24, options={"crf": "10"})
+                stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+                stream.codec_context.colorspace = {"ITU709": 1, "ITU601": 6}[colorspace]  # AVCOL_SPC_*, AVCOL_RANGE_*
+                stream.codec_context.color_range = {"MPEG": 1, "JPEG": 2}[color_range]
+                for i, rgb in enumerate(frames):
+                    frame = data.av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+                        format="yuv420p", dst_colorspace=colorspace, dst_color_range=color_range)
+                    frame.pts, frame.time_base = i, fractions.Fraction(1, 24)
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode())
+        list_path = write_list(os.path.join(src, "list.csv"), ["bt709.mp4 0", "full.mp4 1"])
+        out = os.path.join(src, "prepared")
+        with contextlib.redirect_stdout(io.StringIO()):
+            data.prepare(list_path, src, out, short_side=48, num_workers=0)
+        for name in ("bt709.mp4", "full.mp4"):  # (copied number for number, these read back at 27 dB)
+            original = data.read_frames(os.path.join(src, name), range(12))
+            self.assertGreater(psnr(luma(original), luma(torch.from_numpy(frames))), 35, name)  # the tags are read
+            copy = data.read_frames(os.path.join(out, name), range(12))
+            self.assertGreater(psnr(luma(copy), luma(original)), 35, name)
+            self.assertGreater(psnr(copy, original), 32, name)  # (4:2:0 in another matrix: the colour re-sampled)
 
     def test_killed_in_the_middle_and_run_again(self):
         src = tempfile.mkdtemp(dir=TMP)
