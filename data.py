@@ -47,16 +47,24 @@ def read_frames(path, indices, decode_all=False):
     `indices` may also be a function of the video's frame count returning them (one file open instead of two).
     `decode_all=True` is the slow reference (decode and convert everything, then index), for tests and the benchmark.
     """
-    with av.open(str(path)) as container:
+    with _open(path) as container:
         stream = _video_stream(container, path)
         if callable(indices):
             indices = indices(_frame_count(container, stream) or video_num_frames(path))
         indices = [int(i) for i in indices]
         frames = _decode(container, stream, set(indices), by_pts=not decode_all, convert_all=decode_all)
     if frames is None:  # timestamps unusable as frame numbers: count frames from the start
-        with av.open(str(path)) as container:
+        with _open(path) as container:
             frames = _decode(container, _video_stream(container, path), set(indices), by_pts=False)
     return torch.from_numpy(np.stack([frames[i] for i in indices]))
+
+
+def _open(path):
+    """The file opened for reading frames. FFmpeg's probe of a new file decodes its first frames to report their pixel
+    format, which the reader does not need (the decoder finds it in the frames): skipping that takes 0.3 ms instead of
+    6.5 for a high-bitrate 340x256 H.264 file (1.3 for the low-bitrate one), a twelfth of reading a clip of it. The
+    decoder itself is opened afterwards, without this option."""
+    return av.open(str(path), options={"skip_frame": "nonkey"})
 
 
 def _video_stream(container, path):
@@ -164,7 +172,7 @@ def _frame_count(container, stream):
 
 def video_num_frames(path):
     """Number of frames: the container's count, else duration x rate, else counted packet by packet."""
-    with av.open(str(path)) as container:
+    with _open(path) as container:
         stream = _video_stream(container, path)
         return _frame_count(container, stream) or sum(1 for packet in container.demux(stream) if packet.size)
 

@@ -1189,6 +1189,9 @@ class TestReading(unittest.TestCase):
     def check_video(self, path, num_frames):
         full = data.read_frames(path, range(num_frames), decode_all=True)
         self.assertEqual(frame_numbers(full), list(range(num_frames)))  # the decoder gives the frames written
+        with data.av.open(path) as container:  # and PyAV's plain decode gives them too (FFmpeg's probe not skipped)
+            plain = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+        self.assertTrue(torch.equal(full, torch.from_numpy(plain)))
         self.assertEqual(data.video_num_frames(path), num_frames)
         rng = np.random.default_rng(0)
         index_sets = [[0], [num_frames - 1], [num_frames + 5, 3, 3], list(range(25, 31)), [11, 11, 10, 9, 40],
