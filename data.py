@@ -179,7 +179,8 @@ def video_num_frames(path):
 
 def write_video(path, frames, fps=30, codec="libx264", options=None, format=None):
     """Write frames with PyAV as yuv420p, frame i at i / fps: uint8 (H, W, 3) RGB arrays or av.VideoFrames, all of
-    one size; `options` go to the encoder (e.g. {"crf": "18", "g": "12"}). -> the number of frames written."""
+    one size (a decoded frame's display rotation is kept); `options` go to the encoder (e.g. {"crf": "18", "g": "12"}).
+    -> the number of frames written."""
     count = 0
     with av.open(str(path), "w", format=format) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
@@ -187,8 +188,10 @@ def write_video(path, frames, fps=30, codec="libx264", options=None, format=None
         for frame in frames:
             if not isinstance(frame, av.VideoFrame):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
-            if not count:  # the size of the first frame
+            if not count:  # the size of the first frame, and the rotation a player applies (phone footage)
                 stream.width, stream.height = frame.width, frame.height
+                if frame.rotation:
+                    stream.set_display_rotation(frame.rotation)
             frame.pts, frame.time_base = count, 1 / fractions.Fraction(fps)
             frame.pict_type = av.video.frame.PictureType.NONE  # the encoder chooses (x264 keeps a decoded frame's)
             container.mux(stream.encode(frame))

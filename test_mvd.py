@@ -1736,6 +1736,27 @@ class TestPrepare(unittest.TestCase):
             self.assertGreater(psnr(luma(copy), luma(original)), 35, name)
             self.assertGreater(psnr(copy, original), 32, name)  # (4:2:0 in another matrix: the colour re-sampled)
 
+    def test_copies_keep_the_display_rotation(self):
+        """Phone footage is stored sideways with a rotation for players: the copy keeps the stored frames (what the
+        reader and the official decord loader give) and the rotation, so that a player shows both alike."""
+        src = tempfile.mkdtemp(dir=TMP)
+        with data.av.open(os.path.join(src, "phone.mp4"), "w") as container:
+            stream = container.add_stream("libx264", rate=24, options={"crf": "10"})
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            stream.set_display_rotation(90)
+            for i, rgb in enumerate(smooth_frames(8, 48, 64, seed=4)):
+                frame = data.av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts, frame.time_base = i, fractions.Fraction(1, 24)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        with contextlib.redirect_stdout(io.StringIO()):
+            data.prepare(write_list(os.path.join(src, "list.csv"), ["phone.mp4 0"]), src, os.path.join(src, "out"),
+                         short_side=48, num_workers=0)
+        copy, original = (os.path.join(src, *name) for name in (("out", "phone.mp4"), ("phone.mp4",)))
+        with data.av.open(copy) as container:
+            self.assertEqual(next(container.decode(video=0)).rotation, 90)
+        self.assertGreater(psnr(luma(data.read_frames(copy, range(8))), luma(data.read_frames(original, range(8)))), 35)
+
     def test_killed_in_the_middle_and_run_again(self):
         src = tempfile.mkdtemp(dir=TMP)
         for i in range(24):
