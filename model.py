@@ -975,7 +975,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
             elapsed, this_run = time.time() - begin, i + 1 - first
-            clips_s = this_run * args.batch_size * env.world_size / elapsed
+            clips_s = this_run * args.batch_size * args.num_sample * env.world_size / elapsed  # R clips a video
             eta = elapsed / this_run * (micro_batches - i - 1)
             print(f"epoch {epoch} step {i + 1}/{micro_batches} "
                   + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
