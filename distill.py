@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
                    add_training_flags, bench_steps, clips_per_video, fill_defaults, load_checkpoint, paint_tokens,
-                   param_groups, pca_colours, read_checkpoint, resume, save_checkpoint, save_training_state,
+                   param_groups, pca_colours, read_checkpoint, resume, save_checkpoint,
                    saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
@@ -171,11 +171,7 @@ def main(args):
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'
     # loads into the official MVD student
     for epoch in range(start.epoch, args.epochs):
-        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
-        if env.is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
-            save_training_state(args, raw, optimizer, env.scaler, epoch)
+        train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
     if env.is_main:
         print(f"done: student checkpoint in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults, load_checkpoint,
-                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, save_training_state, saved_args,
+                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, saved_args,
                    setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
@@ -273,17 +273,12 @@ def main(args):
               f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch", flush=True)
     # 5. Loop: evaluation every --eval_freq epochs and after the last, then the epoch's log line and checkpoint (a run
     # killed during an evaluation resumes from a checkpoint inside the epoch and evaluates once, after its last step)
+    def evaluate_due(epoch):
+        last, due = epoch + 1 == args.epochs, (epoch + 1) % args.eval_freq == 0
+        return evaluate_split(final_split, epoch) if last else evaluate_split("val", epoch) if due else {}
+
     for epoch in range(start.epoch, args.epochs):
-        stats = {f"train_{k}": v for k, v in train_one_epoch(args, env, model, loaders["train"], optimizer, epoch,
-                                                             loss_fn, start).items()}
-        if epoch + 1 == args.epochs:
-            stats.update(evaluate_split(final_split, epoch))
-        elif (epoch + 1) % args.eval_freq == 0:
-            stats.update(evaluate_split("val", epoch))
-        if env.is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
-            save_training_state(args, raw, optimizer, env.scaler, epoch)
+        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_fn, start, evaluate_due)
     if env.is_main:
         print(f"done: classifier weights in {last}")
     return raw

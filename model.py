@@ -158,15 +158,13 @@ def sinusoid_1d(dim, n):
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
-FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster: the probe's
-# spread on a busy VM stays well under it (oneDNN's fp32 linear: 0.68-0.81x in 20 probes on a Zen 3 EPYC, idle or busy)
+FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster (over the probe's spread)
 FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
 
 
 def speedup(plain, fast, rounds=8):
     """How many times faster fast() runs than plain(): the fastest of `rounds` calls of each, the two taken in turn so
-    that a busy machine slows both alike (a Xeon's bf16 products: 0.55x idle, 0.51-0.66x in 20 probes beside the test
-    suite; timed apart, 0.15-0.63x). The first call of each, untimed, builds its kernel."""
+    that a busy machine slows both alike. The first call of each, untimed, builds its kernel."""
     for f in (plain, fast):
         f()
     times = [[timeit.timeit(f, number=1) for f in (plain, fast)] for _ in range(rounds)]
@@ -193,10 +191,8 @@ def time_fast_paths(dtype, g):
 def measure_cpu(fast):
     """What this CPU does (about 0.15 s): bf16, fp16: oneDNN's own check for matrix units in that dtype (the one
     PyTorch's matmul goes by); bf16_speedup: a bf16 (512, 512) product against fp32 (20 rounds: it is small); with
-    `fast` the fast paths' speedups in each dtype with units (emulated bf16 is 50-100x slower), on one thread: a probe
-    this short cannot load many cores as the real work does, and on a VM a descheduled core slows a 2-thread call
-    unevenly (Zen 3 EPYC, oneDNN's linear: 0.75x at 64 tokens on one thread as at 3,136 on two, but 0.88x at 64 on
-    two, and 1.4-2x in slow spells after idle). Its own generator: the run's random stream stays where it was."""
+    `fast` the fast paths' speedups in each dtype with units, on one thread (a probe this short cannot load many cores
+    as the real work does; docs/speed.md). Its own generator: the run's random stream stays where it was."""
     begin, g, threads = time.perf_counter(), torch.Generator().manual_seed(0), torch.get_num_threads()
     onednn = torch.backends.mkldnn.is_available()
     bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -215,14 +211,12 @@ def measure_cpu(fast):
 
 @functools.cache
 def cpu_kernels():
-    """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ: with bf16
-    matrix units a bf16 product runs up to 3x faster than fp32 (AMD EPYC with AVX-512 BF16); on some CPUs that have
-    them it runs 2x slower (an Intel Xeon whose AVX-512 BF16 lacks AMX: 150 against 300 GFLOP/s); oneDNN's fp32 linear
-    is up to 2x the default BLAS on AVX-512 EPYCs and 1.4x slower on a Zen 3 EPYC with AVX2 (a ViT-B block's first MLP
-    layer and GELU on 2 clips: 158 against 112 ms). So each fast path is timed against the plain PyTorch it replaces
-    and used where at least FAST_MARGIN faster: onednn_linear, product_attention: the dtypes where it is; bf16_faster:
-    bf16 products BF16_MARGIN faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line
-    print. MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
+    """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ (bf16 products
+    3x faster than fp32 on one, 2x slower on another; oneDNN's fp32 linear 2x the default BLAS or 1.4x slower:
+    docs/speed.md), so each fast path is timed against the plain PyTorch it replaces and used where at least
+    FAST_MARGIN faster: onednn_linear, product_attention: the dtypes where it is; bf16_faster: bf16 products BF16_MARGIN
+    faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line print.
+    MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
     fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         found = measure_cpu(fast)
@@ -255,11 +249,9 @@ def auto_precision(cuda):
 # --------------------------------------------------------------------------------- Building blocks shared by all models
 def linear(x, weight, bias=None, gelu=False):
     """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it was timed faster in
-    this dtype (cpu_kernels): it fuses the GELU, and its fp32 product is up to 2x the default BLAS on some CPUs (AMD
-    EPYC with AVX-512, 2 cores: 430 against 210 GFLOP/s); it has no backward, so it serves the frozen teachers and
-    evaluation. The dtype is what F.linear would compute in (autocast's, else the input's). Without autograd the GELU
-    overwrites the product instead of filling a new tensor: 38 MB a block for a ViT-B teacher on 2 clips, which glibc
-    maps afresh (over 32 MB) and the CPU page-faults in at every step (teacher forward 4.87 -> 4.69 s on 2 cores)."""
+    this dtype (cpu_kernels): it fuses the GELU but has no backward, so it serves the frozen teachers and evaluation.
+    The dtype is what F.linear would compute in (autocast's, else the input's). Without autograd the GELU overwrites
+    the product: a fresh 38 MB tensor a block (ViT-B teacher, 2 clips) would be page-faulted in at every step."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in cpu_kernels().onednn_linear:
         x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
@@ -282,10 +274,9 @@ FLOP_FORMULAS = {
 
 def product_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v with plain products, for (B, heads, N, d). Where the CPU has bf16 units, SDPA's fused
-    kernel reaches a fraction of them in bf16 and plain products run 2-4x faster (1,568 tokens, a ViT-B layer, 2 clips:
-    31 against 83 ms forward; ViT-S decoder forward + backward: 57 against 109 ms). For long sequences one head and a
-    block of queries at a time, so that the block's probabilities (about 2 MB in bf16) stay in the core's cache: a ViT-B
-    layer's 12 heads at 1,568 tokens take 22 ms instead of 43 for whole heads; each query's softmax is the same."""
+    kernel reaches a fraction of them in bf16 and plain products run 2-4x faster (docs/speed.md). For long sequences
+    one head and a block of queries at a time, so that the block's probabilities (about 2 MB in bf16) stay in the
+    core's cache (half the time of whole heads); each query's softmax is the same."""
     B, heads, N, d = q.shape
     if N < 256:
         return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
@@ -297,8 +288,7 @@ def product_attention(q, k, v):
 
 def attention(q, k, v, dropout_p=0.0):
     """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), or
-    plain products on a CPU where they were timed faster in this dtype (cpu_kernels; in fp32 SDPA is the faster on
-    every CPU measured: 0.84x on the Zen 3 EPYC)."""
+    plain products on a CPU where they were timed faster in this dtype (cpu_kernels; in fp32 SDPA is the faster)."""
     if q.device.type == "cpu" and not dropout_p and q.dtype in cpu_kernels().product_attention:
         return product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -918,14 +908,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
-    """One epoch of optimizer steps. loss_fn(batch) -> (loss, {name: float}) runs under autocast.
+def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
+    """One epoch of optimizer steps, then (rank 0) its line in OUTPUT_DIR/log.txt and its checkpoint; evaluate(epoch)
+    -> {name: value}, if given, runs on every rank before them. loss_fn(batch) -> (loss, {name: float}) runs under
+    autocast. -> the epoch's line: train_ + the mean of each loss_fn value, and what evaluate gave.
     Gradients accumulate over --update_freq micro-batches (DDP syncs only on the last one); the lr follows
     cosine_schedule per optimizer step; a non-finite loss stops the run before the step is taken.
     Exact continuation: every --save_every_steps / --save_every_minutes, rank 0 writes checkpoint-last.pth with the
     steps done and the log's running sums; in start's epoch (resume()) the sampler leaves those steps' samples out,
     unread, and the sums are restored. No RNG state is saved: each step's randomness (drop path, dropout, mixup) is
     seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    raw = model.module if env.ddp else model  # what checkpoints hold
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
@@ -970,7 +963,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
             due = (args.save_every_steps and done % args.save_every_steps == 0 or
                    args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes)
             if env.is_main and due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                save_training_state(args, model.module if env.ddp else model, optimizer, env.scaler, epoch, dict(
+                save_training_state(args, raw, optimizer, env.scaler, epoch, dict(
                     step=done, sums=sums, count=count, total_batch=args.batch_size * args.update_freq * env.world_size))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
@@ -984,7 +977,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start):
     if env.is_main:
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
-    return {k: v / max(1, count) for k, v in sums.items()}
+    stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
+    if env.is_main:  # a run killed between the two runs the epoch again, and resume() drops its first line
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+        save_training_state(args, raw, optimizer, env.scaler, epoch)
+    return stats
 
 
 def training_step(env, loss_fn, optimizer):

@@ -16,7 +16,7 @@ import torch
 
 import data
 from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, clips_per_video,
-                   fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume, save_training_state,
+                   fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume,
                    saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step,
                    unpatchify)
 
@@ -113,11 +113,7 @@ def main(args):
 
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
     for epoch in range(start.epoch, args.epochs):
-        stats = train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
-        if env.is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
-            save_training_state(args, raw, optimizer, env.scaler, epoch)
+        train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
     if env.is_main:
         print(f"done: teacher weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw

@@ -2136,15 +2136,15 @@ class Killed(Exception):
     """The tests' stand-in for SIGKILL, raised at a chosen moment of a run (after a checkpoint, a sample read)."""
 
 
-def killed_after_first_checkpoint(stage):
-    real = stage.save_training_state
+def killed_after_first_checkpoint():
+    real = M.save_training_state
 
-    def save_then_die(args, model, optimizer, scaler, epoch):
-        real(args, model, optimizer, scaler, epoch)
-        if epoch == 0:
+    def save_then_die(args, model, optimizer, scaler, epoch, progress=None):
+        real(args, model, optimizer, scaler, epoch, progress)
+        if epoch == 0 and progress is None:
             raise Killed
 
-    return mock.patch.object(stage, "save_training_state", save_then_die)
+    return mock.patch.object(M, "save_training_state", save_then_die)
 
 
 def killed_and_restarted(run, kills, finish=True):
@@ -2183,7 +2183,7 @@ def fixed_batch_loop(stage, steps, record):
     """Replace the stage's train_one_epoch by `steps` optimizer steps on its loader's first batch, through the stage's
     own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before backward."""
 
-    def loop(args, env, model, loader, optimizer, epoch, loss_fn, start):
+    def loop(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
         batch = next(iter(loader))
         model.train()
         for i in range(steps):
@@ -2346,7 +2346,7 @@ class TestPretrainMAE(unittest.TestCase):
     def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
         opts = dict(epochs=2, drop_path=0.2, lr=1e-3)
         whole, _ = run_stage(pretrain_mae, self.options("resume_a", **opts))
-        with killed_after_first_checkpoint(pretrain_mae), self.assertRaises(Killed):
+        with killed_after_first_checkpoint(), self.assertRaises(Killed):
             run_stage(pretrain_mae, self.options("resume_b", **opts))
         folder = os.path.join(self.tmp, "resume_b")
         self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["epoch"], 0)
@@ -2380,7 +2380,7 @@ class TestPretrainMAE(unittest.TestCase):
     def test_killed_between_log_line_and_checkpoint_logs_each_epoch_once(self):
         opts = dict(epochs=2, lr=1e-3)
         folder = os.path.join(self.tmp, "log_once")
-        with killed_after_first_checkpoint(pretrain_mae), self.assertRaises(Killed):
+        with killed_after_first_checkpoint(), self.assertRaises(Killed):
             run_stage(pretrain_mae, self.options("log_once", **opts))
         with open(os.path.join(folder, "log.txt"), "a") as f:  # epoch 1 logged, then killed before its checkpoint
             f.write(json.dumps({"epoch": 1, "train_loss": 9.0}) + "\n")
@@ -2748,7 +2748,7 @@ class TestDistill(unittest.TestCase):
     def test_killed_after_first_checkpoint_and_restarted_equals_uninterrupted(self):
         opts = dict(epochs=2, drop_path=0.1, lr=1e-3)
         whole, _ = run_stage(distill, self.options("resume_a", **opts))
-        with killed_after_first_checkpoint(distill), self.assertRaises(Killed):
+        with killed_after_first_checkpoint(), self.assertRaises(Killed):
             run_stage(distill, self.options("resume_b", **opts))
         folder = os.path.join(self.tmp, "resume_b")
         self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["epoch"], 0)
@@ -3032,7 +3032,7 @@ class TestFinetune(unittest.TestCase):
         depth, decay, captured = 3, 0.75, {}
         real = finetune.train_one_epoch
 
-        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn, start):
+        def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
             real(args, env, model, loader, optimizer, epoch, loss_fn, start)
             captured.update(model=model, optimizer=optimizer)
             raise FtStop
@@ -3130,14 +3130,14 @@ class TestFinetune(unittest.TestCase):
         opts = dict(epochs=2, eval_freq=1, lr=1e-3, finetune=self.official_path, nb_classes=self.num_classes + 3)
         whole, printed = run_finetune(self.options("resume_a", **opts))
         self.assertIn("dropping the checkpoint's head.weight", printed)
-        real = finetune.save_training_state
+        real = M.save_training_state
 
-        def save_then_die(args, model, optimizer, scaler, epoch):
-            real(args, model, optimizer, scaler, epoch)
-            if epoch == 0:
+        def save_then_die(args, model, optimizer, scaler, epoch, progress=None):
+            real(args, model, optimizer, scaler, epoch, progress)
+            if epoch == 0 and progress is None:
                 raise FtKilled
 
-        with mock.patch.object(finetune, "save_training_state", save_then_die), self.assertRaises(FtKilled):
+        with mock.patch.object(M, "save_training_state", save_then_die), self.assertRaises(FtKilled):
             run_finetune(self.options("resume_b", **opts))
         restarted, printed = run_finetune(self.options("resume_b", **opts), seed=1)
         self.assertIn("is not read", printed)
@@ -3994,7 +3994,7 @@ class TestVisualize(unittest.TestCase):
         before = checkpoint_bytes(self.tmp)
         for stage, options in stages.items():
             with mock.patch.object(stage, "train_one_epoch", side_effect=AssertionError("trained")), \
-                    mock.patch.object(stage, "save_training_state", side_effect=AssertionError("saved")), \
+                    mock.patch.object(M, "save_training_state", side_effect=AssertionError("saved")), \
                     mock.patch.object(M, "save_checkpoint", side_effect=AssertionError("saved")):
                 pictures, _ = run_stage(stage, options)
             self.assertEqual(len(pictures), 2, stage.__name__)
