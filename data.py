@@ -60,10 +60,9 @@ def read_frames(path, indices, decode_all=False):
 
 
 def _open(path):
-    """The file opened for reading frames. FFmpeg's probe of a new file decodes its first frames to report their pixel
-    format, which the reader does not need (the decoder finds it in the frames): skipping that takes 0.3 ms instead of
-    6.5 for a high-bitrate 340x256 H.264 file (1.3 for the low-bitrate one), a twelfth of reading a clip of it. The
-    decoder itself is opened afterwards, without this option."""
+    """The file opened for reading frames. FFmpeg's probe decodes a new file's first frames only to report their pixel
+    format, which the decoder finds in the frames anyway: skipped (most of an open's time; the decoder itself is opened
+    afterwards, without this option)."""
     return av.open(str(path), options={"skip_frame": "nonkey"})
 
 
@@ -80,13 +79,9 @@ def _video_stream(container, path):
 
 def _decode(container, stream, wanted, by_pts, convert_all=False):
     """{index: uint8 (H, W, 3)} for every wanted index, or None if timestamps turn out unusable as frame numbers.
-
-    by_pts: frame number = (pts - pts of frame 0) x time base x average rate. This allows seeking to the keyframe
-    before the first needed frame and not decoding the non-reference frames that are not needed, before the clip and
-    between its frames (most B-frames: about half of libx264's frames; no other frame depends on them). Only the
-    needed frames are converted to RGB, and decoding stops after the last one. Otherwise frames are counted from the
-    start, which is always right.
-    """
+    by_pts: frame number = (pts - pts of frame 0) x time base x average rate, which allows seeking to the keyframe
+    before the first needed frame and skipping the unneeded frames no other frame refers to (most B-frames). Only
+    needed frames are converted to RGB; decoding stops after the last. Else frames are counted from the start."""
     first, last = min(wanted), max(wanted)
     rate, time_base = stream.average_rate, stream.time_base
     if by_pts and not (rate and time_base):
@@ -110,11 +105,9 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
         container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
     out, previous, index, skipped, held, fed = {}, None, -1, set(), [], set()
-    # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame,
-    # which costs 5-10x the decoding itself (2.3 ms a 64-px frame, 2.8 ms at 340x256, on 2 cores); the same context
-    # reused gives the same pixels. On one thread: PyAV converts on every core unless told otherwise, 2-3x slower for
-    # frames of this size (0.12-0.17 against 0.05 ms at 340x256), and a loader worker per core must not start a
-    # thread per core.
+    # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame (5-10x
+    # the decoding itself). On one thread: PyAV 17+ converts on every core, slower for frames this small, and a loader
+    # worker per core must not start a thread per core.
     rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24", threads=1)
     for packet in container.demux(stream):
         n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
@@ -227,10 +220,9 @@ def load_video_list(list_path, data_root=""):
 
 
 class CachedReader:
-    """read_frames, but each video is decoded once, whole, and kept in memory as uint8 (T, H, W, 3): for small sets
-    of small videos (the synthetic set's are 0.6 MB decoded), whose decoding would otherwise set the pace of a tiny
-    model. `paths` are decoded up front by `num_workers` processes, before the DataLoader's workers are forked, so
-    that these share them (copy on write); a file that fails is left out and read (and skipped) as usual."""
+    """read_frames, but each video decoded once, whole, and kept as uint8 (T, H, W, 3): for small sets of small videos
+    whose decoding would set the pace of a tiny model. `paths` are decoded up front by `num_workers` processes, before
+    the DataLoader's workers fork and share them; a file that fails is left out and read (and skipped) as usual."""
 
     def __init__(self, paths=(), num_workers=0):
         whole = in_parallel(_whole_video, sorted(set(paths)), num_workers)
@@ -314,9 +306,9 @@ def random_mask(num_patches, mask_ratio, generator=None):
 
 # ---------------------------------------------------------------------------------------------------- transforms
 def normalize(x, channel_dim=1):
-    """uint8 -> float, ImageNet-normalized along `channel_dim`: (x / 255 - mean) / std, on x's device, in place (3x
-    faster). Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a
-    GPU for free, and a quarter of the bytes travel from the loader's workers (a float clip is 9.6 MB)."""
+    """uint8 -> float, ImageNet-normalized along `channel_dim`: (x / 255 - mean) / std, on x's device, in place.
+    Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a GPU for free,
+    and a quarter of the bytes travel from the loader's workers."""
     shape = (3,) + (1,) * (x.ndim - channel_dim % x.ndim - 1)
     mean, std = (v.view(shape) for v in _mean_std_255(x.device))
     return x.float().sub_(mean).div_(std)
@@ -366,14 +358,10 @@ class TooManyBadVideos(RuntimeError):
 
 
 class SeededDataset(Dataset):
-    """Base of both datasets: items indexed by (index, epoch), and the handling of unreadable files.
-
-    Each item is computed under its own seed, a function of (seed, epoch, index) only, in a forked RNG: the caller's
-    RNG is untouched (num_workers=0) and nothing depends on the worker or the rank that computes it.
-    An unreadable file is printed once by path, appended to output_dir/bad_videos.txt and replaced by another draw.
-    Workers are separate processes, so the shared count is that of the unique paths in the file (without output_dir,
-    of those this process has seen); past max_bad_videos, TooManyBadVideos stops the run.
-    """
+    """Base of both datasets: items indexed by (index, epoch), each computed in a forked RNG seeded by (seed, epoch,
+    index) only (the caller's RNG untouched, nothing depending on the worker or rank), and unreadable files: each is
+    printed once, appended to output_dir/bad_videos.txt (the count the workers share) and replaced by another draw;
+    past max_bad_videos, TooManyBadVideos stops the run."""
 
     def __init__(self, items, seed, output_dir, max_bad_videos, cache_videos=False):
         if not items:
@@ -668,6 +656,14 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
     return paths
 
 
+def use_synthetic_set(args, list_name):
+    """A stage without --data_path: the demo runs on the synthetic set (made once in --synthetic_root), and says so."""
+    print(f"no --data_path: demo run on the synthetic set ({list_name}) in {args.synthetic_root} ({args.epochs} "
+          f"epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
+    make_synthetic_set(args.synthetic_root)
+    args.data_path, args.data_root = os.path.join(args.synthetic_root, list_name), args.synthetic_root
+
+
 # ------------------------------------------------------------------------------------------------------- pictures
 def first_clips(list_path, data_root, n, num_frames, sampling_rate, input_size, sampling="dense"):
     """The list's first n videos as the centred test view of each: what --visualize shows, the same frames in every
@@ -725,15 +721,12 @@ PREPARE_X264 = {"tune": "fastdecode", "preset": "fast", "threads": "1",
 
 
 def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=32, crf=18, num_workers=None):
-    """Re-encode every video of a list for training into output_dir, and write there a list of the copies with the
-    same labels (the list's file name; the originals are not touched). -> the new list's path.
-
-    A copy is H.264 (PREPARE_X264) in mp4 with the same frames, its short side at most `short_side` (never enlarged)
-    and a keyframe every `keyframe_interval` frames, so that a clip decodes from a keyframe just before it. Videos are
-    prepared by num_workers processes (default: one per core). An unreadable input is listed in
-    output_dir/unreadable.txt and left out. Every copy is verified (it decodes to as many frames as its original)
-    before it takes its final name: a run killed at any moment can be run again, finished copies are kept and a
-    half-written one never counts."""
+    """Re-encode every video of a list for training into output_dir, with a list of the copies there (same file name
+    and labels; the originals are not touched). -> the new list's path. A copy is H.264 (PREPARE_X264) in mp4 with the
+    same frames, its short side at most `short_side` (never enlarged), a keyframe every `keyframe_interval` frames so
+    that a clip decodes from a keyframe just before it; num_workers processes (default: one per core). Unreadable
+    inputs are listed in output_dir/unreadable.txt. Every copy is verified (it decodes to its original's frame count)
+    before it takes its final name: a run killed at any moment can run again, finished copies are kept."""
     settings = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, x264=PREPARE_X264)
     os.makedirs(output_dir, exist_ok=True)
     record = os.path.join(output_dir, "prepare.json")
@@ -745,9 +738,8 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
     else:
         _write_atomically(record, json.dumps(settings))
     entries = read_list(list_path)
-    copy = {path: os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, "") for path, _ in entries}
-    copy = {path: name if name.endswith(".mp4") else name + ".mp4" for path, name in copy.items()}  # the list's path ->
-    # the copy's, under output_dir: a.webm -> a.webm.mp4, apart from a.mp4
+    copy = {path: os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, "").removesuffix(".mp4") + ".mp4"
+            for path, _ in entries}  # the list's path -> the copy's, under output_dir: a.webm -> a.webm.mp4, a.mp4 too
     jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name)) for path, name in copy.items()
                    if not os.path.exists(os.path.join(output_dir, name))})
     print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")

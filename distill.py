@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
-                   add_training_flags, bench_steps, clips_per_video, fill_defaults, load_checkpoint, paint_tokens,
-                   param_groups, pca_colours, read_checkpoint, resume, save_checkpoint,
-                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step)
+                   add_training_flags, bench_steps, check_trained_with, clips_per_video, fill_defaults, load_checkpoint,
+                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, save_checkpoint, saved_args,
+                   setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -76,9 +76,8 @@ def build_teacher(kind, args, device, dtype):
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth = saved.get("depth")  # our small test configs record their depth
     patch = args.teacher_patch_size if kind == "image" else args.patch_size  # the video teacher's tubes = the student's
-    if saved.get("patch_size", patch) != patch:
-        raise ValueError(f"the {kind} teacher {path} was trained with patch size {saved['patch_size']}, this run asks "
-                         f"for {patch}: pass --{'teacher_' if kind == 'image' else ''}patch_size {saved['patch_size']}")
+    check_trained_with(f"the {kind} teacher {path}", saved, "patch_size", patch, patch,
+                       "teacher_patch_size" if kind == "image" else "patch_size")
     if kind == "image":
         teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
     else:
@@ -141,10 +140,7 @@ def main(args):
         return bench(args, env, raw, teachers, loss_fn)
     # 3. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
     if args.data_path is None:
-        print(f"no --data_path: demo run on the synthetic set in {args.synthetic_root} "
-              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
-        data.make_synthetic_set(args.synthetic_root)
-        args.data_path, args.data_root = os.path.join(args.synthetic_root, "all.csv"), args.synthetic_root
+        data.use_synthetic_set(args, "all.csv")
     if args.visualize:
         return visualize(args, env, raw, teachers, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)

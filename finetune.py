@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, fill_defaults, load_checkpoint,
-                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, saved_args,
+from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, check_trained_with, fill_defaults,
+                   load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume, saved_args,
                    setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
@@ -96,15 +96,10 @@ def load_pretrained(model, path, pos_embed="3d"):
     the model's is dropped, so that the head starts fresh (as the official code; fc_norm, if present, is kept)."""
     state = read_checkpoint(path)
     recorded = saved_args(state)  # our checkpoints record their patch size and VideoMAE its position table
-    patch = recorded.get("patch_size", model.patch_size)
-    if patch != model.patch_size:
-        raise ValueError(f"{path} was trained with patch size {patch}, this run has {model.patch_size}: pass "
-                         f"--patch_size {patch}")
+    check_trained_with(path, recorded, "patch_size", model.patch_size, model.patch_size)
     state = state.get("model", state.get("module", state))  # where our and the official checkpoints keep weights
-    learnt_pos = recorded.get("pos_embed", "1d")  # official VideoMAE checkpoints: the 1d table
-    if any(key.startswith("encoder.") for key in state) and learnt_pos != pos_embed:
-        raise ValueError(f"{path} is a VideoMAE checkpoint trained with the {learnt_pos} position table, this run "
-                         f"has {pos_embed}: pass --pos_embed {learnt_pos}")
+    if any(key.startswith("encoder.") for key in state):  # a VideoMAE: official ones learnt the 1d table
+        check_trained_with(f"{path} (a VideoMAE)", recorded, "pos_embed", pos_embed, "1d")
     print(f"weights from {path}:", end=" ")
     return load_checkpoint(model, state, fresh=("head.weight", "head.bias"))
 
@@ -159,10 +154,7 @@ def main(args):
         raise ValueError("nothing to evaluate or show: give --finetune PATH or --resume PATH (or train first)")
     # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
     if args.data_path is None and not args.bench:
-        print(f"no --data_path: demo run on the synthetic set's appearance task in {args.synthetic_root} "
-              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
-        data.make_synthetic_set(args.synthetic_root)
-        args.data_path, args.data_root = os.path.join(args.synthetic_root, "appearance"), args.synthetic_root
+        data.use_synthetic_set(args, "appearance")  # the appearance task's train.csv and val.csv
     os.makedirs(args.output_dir, exist_ok=True)
     segment = args.data_set == "SSV2"
     common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, sampling="segment" if segment else
@@ -246,11 +238,10 @@ def main(args):
             if stats["unreadable"]:
                 print(f"WARNING: {stats['unreadable']} videos had no readable view and are not counted "
                       f"(see {os.path.join(args.output_dir, 'bad_videos.txt')})")
+            rows = [[path, label, int(p.argmax()), f"{p.max():.6f}"] if n else [path, label, "", ""]
+                    for (path, label), p, n in zip(sets[split].items, probs, counts)]
             with open(os.path.join(args.output_dir, "predictions.csv"), "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "label", "prediction", "probability"])
-                for (path, label), p, n in zip(sets[split].items, probs, counts):
-                    writer.writerow([path, label, int(p.argmax()), f"{p.max():.6f}"] if n else [path, label, "", ""])
+                csv.writer(f).writerows([["path", "label", "prediction", "probability"], *rows])
         return {f"test_{k}": v for k, v in stats.items() if k != "epoch"}
 
     final_split = "test" if "test" in sets else "val"

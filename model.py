@@ -158,7 +158,7 @@ def sinusoid_1d(dim, n):
 
 # ------------------------------------------------------------------- What this CPU computes fast, probed once a process
 BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
-FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, when timed this much faster (over the probe's spread)
+FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, only when timed this much faster
 FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
 
 
@@ -698,6 +698,15 @@ def saved_args(state):
     return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
 
 
+def check_trained_with(what, recorded, key, value, default, flag=None):
+    """One clear error where a checkpoint's recorded flags (saved_args) hold another `key` than this run's value;
+    `default`: what a checkpoint that records none was trained with (official ones: patch 16, VideoMAE's 1d table)."""
+    trained = recorded.get(key, default)
+    if trained != value:
+        raise ValueError(f"{what} was trained with --{key} {trained}, this run has {value}: pass --{flag or key} "
+                         f"{trained}")
+
+
 def trained_checkpoint(args):
     """The checkpoint --visualize shows: --resume, else OUTPUT_DIR/checkpoint-last.pth; one clear error without one."""
     path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -819,10 +828,9 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
 # ------------------ Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
 @functools.cache
 def torchrun_store():
-    """torchrun's store (env://), its keys under this attempt's number: torchrun --max-restarts keeps one store for all
-    the attempts of a group, and a restarted rank could read there the address that a killed rank of the last attempt
-    had published, and hang (pytorch/pytorch#135712). One per process, kept: without torchrun rank 0 hosts it.
-    -> (store, rank, world_size)"""
+    """torchrun's store (env://), keys under this attempt's number: --max-restarts keeps one store for all attempts, and
+    a restarted rank could read the address a killed rank had published, and hang (pytorch/pytorch#135712). One per
+    process, kept. -> (store, rank, world_size)"""
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
@@ -866,10 +874,7 @@ def resume(args, env, model, optimizer):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
     mid_epoch = "step" in state  # written inside an epoch, else at its end
-    recorded = saved_args(state).get("num_sample", args.num_sample)
-    if recorded != args.num_sample:  # other clips per video: other samples, another lr
-        raise ValueError(f"{path} was trained with --num_sample {recorded}: pass --num_sample {recorded} to continue "
-                         "it, or --no-auto_resume to start over")
+    check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)  # other samples, another lr
     total_batch = args.batch_size * args.update_freq * env.world_size
     if mid_epoch and state["total_batch"] != total_batch:  # the steps left would see other samples
         raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of {state['total_batch']}, "
@@ -909,15 +914,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
-    """One epoch of optimizer steps, then (rank 0) its line in OUTPUT_DIR/log.txt and its checkpoint; evaluate(epoch)
-    -> {name: value}, if given, runs on every rank before them. loss_fn(batch) -> (loss, {name: float}) runs under
-    autocast. -> the epoch's line: train_ + the mean of each loss_fn value, and what evaluate gave.
-    Gradients accumulate over --update_freq micro-batches (DDP syncs only on the last one); the lr follows
-    cosine_schedule per optimizer step; a non-finite loss stops the run before the step is taken.
-    Exact continuation: every --save_every_steps / --save_every_minutes, rank 0 writes checkpoint-last.pth with the
-    steps done and the log's running sums; in start's epoch (resume()) the sampler leaves those steps' samples out,
-    unread, and the sums are restored. No RNG state is saved: each step's randomness (drop path, dropout, mixup) is
-    seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    """One epoch of optimizer steps, loss_fn(batch) -> (loss, {name: float}) under autocast, then evaluate(epoch) ->
+    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean, and evaluate's) and checkpoint.
+    Gradients accumulate over --update_freq micro-batches (DDP syncs on the last); the lr follows cosine_schedule per
+    optimizer step; a non-finite loss stops the run before its step. Exact continuation: every --save_every_steps /
+    --save_every_minutes rank 0 writes checkpoint-last.pth with the steps done and the log's sums, which resume() gives
+    back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop path,
+    dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model  # what checkpoints hold
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq

@@ -15,10 +15,10 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, clips_per_video,
-                   fill_defaults, load_checkpoint, param_groups, patchify, read_checkpoint, resume,
-                   saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step,
-                   unpatchify)
+from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
+                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify,
+                   read_checkpoint, resume, saved_args, setup_distributed, to_pixels, train_one_epoch,
+                   trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -62,9 +62,7 @@ def main(args):
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     previous = checkpoint or args.resume or (last if args.auto_resume else None)
     if video and previous and os.path.exists(previous):
-        learnt = saved_args(read_checkpoint(previous)).get("pos_embed", "1d")
-        if learnt != args.pos_embed:
-            raise ValueError(f"{previous} was trained with --pos_embed {learnt}: pass --pos_embed {learnt}")
+        check_trained_with(previous, saved_args(read_checkpoint(previous)), "pos_embed", args.pos_embed, "1d")
     if video:
         raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
                        decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,
@@ -78,10 +76,7 @@ def main(args):
         return bench(args, env, raw)
     # 3. Data: clips with a tube mask, or single frames / images with a random mask
     if args.data_path is None:
-        print(f"no --data_path: demo run on the synthetic set in {args.synthetic_root} "
-              f"({args.epochs} epochs, {args.num_frames}x{args.input_size}px); give --data_path for real training")
-        data.make_synthetic_set(args.synthetic_root)
-        args.data_path, args.data_root = os.path.join(args.synthetic_root, "all.csv"), args.synthetic_root
+        data.use_synthetic_set(args, "all.csv")
     if args.visualize:
         return visualize(args, env, raw, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
