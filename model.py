@@ -700,7 +700,7 @@ def saved_args(state):
 
 def check_trained_with(what, recorded, key, value, default, flag=None):
     """One clear error where a checkpoint's recorded flags (saved_args) hold another `key` than this run's value;
-    `default`: what a checkpoint that records none was trained with (official ones: patch 16, VideoMAE's 1d table)."""
+    `default`: what a checkpoint that records none is taken to have (an official VideoMAE: the 1d table)."""
     trained = recorded.get(key, default)
     if trained != value:
         raise ValueError(f"{what} was trained with --{key} {trained}, this run has {value}: pass --{flag or key} "
@@ -981,7 +981,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
     stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
-    if env.is_main:  # a run killed between the two runs the epoch again, and resume() drops its first line
+    if env.is_main:  # killed after the line, before the checkpoint: the epoch runs again, resume() drops the line
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
         save_training_state(args, raw, optimizer, env.scaler, epoch)
