@@ -13,6 +13,7 @@ samples of 1 rank x batch 2b. The official code draws them from each worker's gl
 """
 import argparse
 import contextlib
+import fcntl
 import fractions
 import functools
 import itertools
@@ -798,9 +799,42 @@ def _prepare_video(job, short_side, keyframe_interval, crf, x264):
 
 
 def _write_atomically(path, text):
-    with open(path + ".tmp", "w") as f:
+    """Write a small file whole or not at all: a temporary name unique to this process, synced, then renamed."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_HELD = {}  # lock file -> its open handle, kept for the life of the process
+
+
+def hold_folder(folder, flag="--output_dir"):
+    """One run at a time writes `folder`: a POSIX record lock on folder/.lock, taken without waiting. The OS drops it
+    when the process dies, however it dies (never a stale lock), and forked workers do not inherit it (unlike flock),
+    so a killed run's orphaned workers never keep a rerun out. Taken again in the same process, it is already held.
+    One clear error where another live process holds it, or where `folder` is a file."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(os.path.realpath(folder), ".lock")
+    if path in _HELD:
+        return
+    handle = open(path, "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{folder} is being written by another run ({holder}): wait for it to end, or give "
+                         f"another {flag}") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    _HELD[path] = handle
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
