@@ -113,7 +113,7 @@ def mvd_loss(pred, feats, mask, loss_func):
 
 def main(args):
     # 1. Devices and DDP
-    env = setup_distributed(args.precision)
+    env = setup_distributed(args)
     checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before the teachers are built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     # 2. Teachers (frozen, only those with a loss weight) and the student

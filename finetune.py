@@ -146,7 +146,7 @@ def evaluate(model, loader, env, num_classes):
 
 def main(args):
     # 1. Devices and DDP
-    env = setup_distributed(args.precision)
+    env = setup_distributed(args)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     run_state = args.resume or (last if args.auto_resume and os.path.exists(last) else "")
     weights_only = args.eval or args.extract_features or args.visualize  # from --finetune, else --resume, else last

@@ -20,7 +20,7 @@ import math
 import os
 import re
 import time
-import timeit
+import zipfile
 from types import SimpleNamespace
 
 import torch
@@ -82,9 +82,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing of the trained blocks: less memory, more time")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto: bf16 on GPUs that have it (else fp16 with loss scaling, as the official "
-                        "runs) and on CPUs where bf16 products run faster than fp32 (timed), else fp32 (fp16 on a CPU "
-                        "only with fp16 units)")
+                   help="autocast dtype; auto: bf16 on GPUs that compute it natively, else fp16 with loss scaling (as "
+                        "the official runs); fp32 on a CPU; a resumed run keeps its checkpoint's")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once, before the loader's workers start, and keep it in memory (the "
@@ -110,8 +109,7 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
 
 
 def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error);
-    --precision auto becomes what this device computes fastest (auto_precision), said in one line."""
+    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error)."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
@@ -119,12 +117,6 @@ def fill_defaults(p, args, *tables):
     if args.input_size % args.patch_size or args.num_frames % 2:
         p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
                 f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
-    if args.precision == "auto":
-        cuda = torch.cuda.is_available()
-        args.precision, why = auto_precision(cuda)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"--precision auto: {args.precision} ({why})" + ("" if cuda else "; CPU fast paths against plain "
-                  "PyTorch: " + ", ".join(f"{k} {v}" for k, v in cpu_kernels().summary.items())), flush=True)
     return args
 
 
@@ -156,153 +148,24 @@ def sinusoid_1d(dim, n):
     return torch.where(j % 2 == 0, angles.sin(), angles.cos()).float()
 
 
-# ------------------------------------------------------------------- What this CPU computes fast, probed once a process
-BF16_MARGIN = 1.25  # bf16 is picked when its products are this much faster: autocast's casts cost some of the gain
-FAST_MARGIN = 1.2  # a fast path replaces plain PyTorch, the simpler path, only when timed this much faster
-FAST_PATHS = ("onednn_linear", "product_attention")  # what each replaces: F.linear (+ F.gelu), SDPA
-
-
-def speedup(plain, fast, rounds=8):
-    """How many times faster fast() runs than plain(): the fastest of `rounds` calls of each, the two taken in turn so
-    that a busy machine slows both alike. The first call of each, untimed, builds its kernel."""
-    for f in (plain, fast):
-        f()
-    times = [[timeit.timeit(f, number=1) for f in (plain, fast)] for _ in range(rounds)]
-    return min(t[0] for t in times) / min(t[1] for t in times)
-
-
-def time_fast_paths(dtype, g):
-    """Each fast path's speedup over the plain PyTorch it replaces, in this dtype, on shapes of a ViT-B: oneDNN's fused
-    linear + GELU against F.linear then F.gelu (64 tokens), plain-product attention against SDPA (one head of 392
-    tokens). A kernel missing in this dtype ("could not create a primitive descriptor") or another result: 0x."""
-    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((64, 768), (3072, 768), (3072,)))
-    w, (q, k, v) = w / 768 ** 0.5, torch.randn(3, 1, 1, 392, 64, generator=g).to(dtype)  # outputs of about 1
-    pairs = {"onednn_linear": (lambda: F.gelu(F.linear(x, w, b)),
-                               lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")),
-             "product_attention": (lambda: F.scaled_dot_product_attention(q, k, v), lambda: product_attention(q, k, v))}
-    speedups = dict.fromkeys(pairs, 0.0)
-    for path, (plain, fast) in pairs.items():
-        with torch.no_grad(), contextlib.suppress(RuntimeError, AttributeError):
-            if torch.allclose(plain().float(), fast().float(), rtol=0.05, atol=0.05):
-                speedups[path] = speedup(plain, fast)
-    return speedups
-
-
-def measure_cpu(fast):
-    """What this CPU does (about 0.15 s): bf16, fp16: oneDNN's own check for matrix units in that dtype (the one
-    PyTorch's matmul goes by); bf16_speedup: a bf16 (512, 512) product against fp32 (20 rounds: it is small); with
-    `fast` the fast paths' speedups in each dtype with units, on one thread (a probe this short cannot load many cores
-    as the real work does; docs/speed.md). Its own generator: the run's random stream stays where it was."""
-    begin, g, threads = time.perf_counter(), torch.Generator().manual_seed(0), torch.get_num_threads()
-    onednn = torch.backends.mkldnn.is_available()
-    bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    found = dict(bf16=bf16, fp16=onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(), bf16_speedup=0.0,
-                 **{path: {} for path in FAST_PATHS})
-    if bf16:
-        a, a16 = (torch.randn(512, 512, generator=g).to(dtype) for dtype in (torch.float32, torch.bfloat16))
-        found["bf16_speedup"] = speedup(lambda: a @ a, lambda: a16 @ a16, rounds=20)
-    torch.set_num_threads(1)
-    for dtype in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) if fast else ():
-        for path, times_faster in time_fast_paths(dtype, g).items():
-            found[path][str(dtype).removeprefix("torch.")] = times_faster
-    torch.set_num_threads(threads)
-    return {**found, "probe_ms": round(1000 * (time.perf_counter() - begin))}
-
-
-@functools.cache
-def cpu_kernels():
-    """The CPU's fast paths, found out from what it does rather than assumed, once a process. CPUs differ (bf16 products
-    3x faster than fp32 on one, 2x slower on another; oneDNN's fp32 linear 2x the default BLAS or 1.4x slower:
-    docs/speed.md), so each fast path is timed against the plain PyTorch it replaces and used where at least
-    FAST_MARGIN faster: onednn_linear, product_attention: the dtypes where it is; bf16_faster: bf16 products BF16_MARGIN
-    faster than fp32 (what --precision auto goes by); summary: what --bench and auto's line print.
-    MVD_FAST_KERNELS=0 turns every fast path off: plain PyTorch, the fallback that always works (tested)."""
-    fast = os.environ.get("MVD_FAST_KERNELS", "1") != "0"
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        found = measure_cpu(fast)
-    else:  # under torchrun rank 0 measures for all, through torchrun's store (the process group does not exist yet
-        # when --precision auto is decided): all ranks take the same decisions, whatever their own timings would say
-        store, rank, _ = torchrun_store()
-        if rank == 0:
-            store.set("cpu_kernels", json.dumps(measure_cpu(fast)))
-        found = json.loads(store.get("cpu_kernels"))
-    used = {path: tuple(getattr(torch, name) for name, s in found[path].items() if s >= FAST_MARGIN)
-            for path in FAST_PATHS}
-    summary = {f"{path} {name}": f"{s:.2f}x " + ("used" if s >= FAST_MARGIN else "off")
-               for path in FAST_PATHS for name, s in found[path].items()}
-    summary = {**summary, "probe_ms": found["probe_ms"]} if fast else {"fast_paths": "off (MVD_FAST_KERNELS=0)"}
-    return SimpleNamespace(bf16=found["bf16"], fp16=found["fp16"], measured=found, **used, summary=summary,
-                           bf16_faster=found["bf16"] and found["bf16_speedup"] >= BF16_MARGIN)
-
-
-def auto_precision(cuda):
-    """--precision auto -> what this device computes fastest: on CUDA bf16 where the GPU has it, else fp16 (with the
-    loss scaler); on a CPU bf16 where its bf16 products run faster than fp32 (timed), else fp32. -> (precision, why)."""
-    if cuda:
-        return ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("fp16", "no bf16 on this GPU")
-    k = cpu_kernels()
-    return ("bf16", "bf16 products run faster than fp32 on this CPU") if k.bf16_faster else (
-        "fp32", "bf16 products run slower than fp32 on this CPU (measured)" if k.bf16 else
-        "no bf16 units on this CPU: bf16 is emulated, 50-100x slower than fp32")
-
-
 # --------------------------------------------------------------------------------- Building blocks shared by all models
-def linear(x, weight, bias=None, gelu=False):
-    """F.linear, then the exact GELU if gelu. On the CPU without autograd, through oneDNN where it was timed faster in
-    this dtype (cpu_kernels): it fuses the GELU but has no backward, so it serves the frozen teachers and evaluation.
-    The dtype is what F.linear would compute in (autocast's, else the input's). Without autograd the GELU overwrites
-    the product: a fresh 38 MB tensor a block (ViT-B teacher, 2 clips) would be page-faulted in at every step."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and dtype in cpu_kernels().onednn_linear:
-        x, weight, bias = (t if t is None else t.to(dtype) for t in (x, weight, bias))
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    x = F.linear(x, weight, bias)
-    if not gelu:
-        return x
-    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)  # in place: no backward needs the product
-
-
-# FLOP formulas (on shapes) for torch.utils.flop_counter, which knows neither the CPU attention kernel nor oneDNN's
-# product: attention is 2 products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
+# FLOP formulas (on shapes) for torch.utils.flop_counter, which does not know the CPU attention kernel: attention is 2
+# products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
 FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *_, **__: 4 * math.prod(q) * k[-2],
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2],
-    **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, **__: 2 * math.prod(x[:-1]) * w[0] * w[1]}
-       if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {})}
-
-
-def product_attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v with plain products, for (B, heads, N, d). Where the CPU has bf16 units, SDPA's fused
-    kernel reaches a fraction of them in bf16 and plain products run 2-4x faster (docs/speed.md). For long sequences
-    one head and a block of queries at a time, so that the block's probabilities (about 2 MB in bf16) stay in the
-    core's cache (half the time of whole heads); each query's softmax is the same."""
-    B, heads, N, d = q.shape
-    if N < 256:
-        return torch.softmax((q * d ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
-    rows = 2 ** 20 // N  # queries per block: (rows, N) probabilities of 2**20 values
-    out = [torch.softmax((q[b, h, start:start + rows] * d ** -0.5) @ k[b, h].T, dim=-1) @ v[b, h]  # (rows, d)
-           for b, h in itertools.product(range(B), range(heads)) for start in range(0, N, rows)]
-    return torch.cat(out).view(B, heads, N, d)
-
-
-def attention(q, k, v, dropout_p=0.0):
-    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d): scaled_dot_product_attention (its fused kernels on GPUs), or
-    plain products on a CPU where they were timed faster in this dtype (cpu_kernels; in fp32 SDPA is the faster)."""
-    if q.device.type == "cpu" and not dropout_p and q.dtype in cpu_kernels().product_attention:
-        return product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2]}
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with the official parameters: qkv weight without bias plus learned q_bias and v_bias.
     The key bias is fixed at zero: it adds the same term to every logit of a query, so the softmax ignores it."""
 
-    def __init__(self, dim, heads, attn_drop=0.0):
+    def __init__(self, dim, heads):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads: pick a width that is (e.g. --decoder_dim)")
-        self.heads, self.attn_drop = heads, attn_drop
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -311,10 +174,10 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, N, D) -> (B, N, D)
         B, N, D = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, D // self.heads)
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
-        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return linear(x.transpose(1, 2).reshape(B, N, D), self.proj.weight, self.proj.bias)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/heads)) v
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
 def DropPath(p):
@@ -328,8 +191,8 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
-    def forward(self, x):  # fc1, exact GELU, fc2
-        return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # the exact GELU
 
 
 class Block(nn.Module):
@@ -679,8 +542,9 @@ def to_timm_layout(state_dict):
 def read_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure."""
     try:  # the official training scripts also pickle their argparse.Namespace: that much is allowed
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # memory-mapped: pages are read as used, so
+            # reading a checkpoint's recorded flags costs nothing; files of torch before 1.6 cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist: check the path") from None
     except Exception as e:  # truncated files, pickles that would run code, non-checkpoint files
@@ -836,37 +700,62 @@ def torchrun_store():
     return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
 
 
-def setup_distributed(precision):
+def setup_distributed(args):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
-    process. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a GradScaler
-    (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
+    process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
+    it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is 3x faster than fp32 on some CPUs with bf16 units
+    and 2x slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the
+    precision its checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which
+    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a
+    GradScaler (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     if ddp:
         store, rank, world = torchrun_store()
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
-        # running at exit can abort the process
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-    kernels = None if cuda else cpu_kernels()  # every rank, now: under torchrun rank 0 measures for all
-    if kernels and precision == "fp16" and not kernels.fp16:
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
+        # running at exit can abort the process
+    if args.precision == "auto":
+        path = checkpoint_to_resume(args)
+        recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
+        native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+        choice = recorded if recorded in DTYPES else "bf16" if native else "fp16" if cuda else "fp32"
+        if ddp:  # rank 0's choice for all, whatever each rank's disk holds
+            dist.broadcast_object_list(box := [choice], src=0)
+            choice = box[0]
+        why = (f"the precision {path} was trained in" if choice == recorded else "a GPU with native bf16" if native
+               else "a GPU without native bf16: fp16 with loss scaling" if cuda else "a CPU: fp32, whatever its units")
+        args.precision = choice
+        if rank == 0:
+            print(f"--precision auto: {choice} ({why})", flush=True)
+    if not cuda and args.precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
         raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
-                         "(~50x slower than fp32): use --precision auto, bf16 or fp32")
-    if not cuda and precision == "bf16" and rank == 0 and auto_precision(cuda=False)[0] != "bf16":
-        print(f"WARNING: --precision bf16: {auto_precision(cuda=False)[1]}; --precision auto picks fp32 here", flush=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
-                           scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+                         "(~50x slower than fp32): use --precision fp32 (or bf16)")
+    if not cuda and args.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() and rank == 0:
+        print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
+              "fp32): --precision fp32 is faster here", flush=True)
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
+                           dtype=DTYPES[args.precision],
+                           scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def checkpoint_to_resume(args):
+    """--resume, else with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists, else None."""
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    return args.resume or (last if args.auto_resume and os.path.exists(last) else None)
 
 
 def resume(args, env, model, optimizer):
     """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
     epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    path = args.resume or (last if args.auto_resume and os.path.exists(last) else None)
+    path = checkpoint_to_resume(args)
     if path is None:  # a fresh run
         return SimpleNamespace(epoch=0, step=0, sums={}, count=0)
     state = read_checkpoint(path)
@@ -884,7 +773,10 @@ def resume(args, env, model, optimizer):
                             sums=state.get("sums", {}), count=state.get("count", 0))
     load_checkpoint(model, state["model"], verbose=False)
     optimizer.load_state_dict(state["optimizer"])
-    if "scaler" in state:
+    trained_in = saved_args(state).get("precision", args.precision)
+    if trained_in != args.precision and env.is_main:
+        print(f"{path} was trained in {trained_in}; this run continues in {args.precision} (--precision)", flush=True)
+    if state.get("scaler") and env.scaler.is_enabled():  # fp16's loss scale; other precisions save an empty state
         env.scaler.load_state_dict(state["scaler"])
     log = os.path.join(args.output_dir, "log.txt")
     if os.path.exists(log) and env.is_main:  # drop lines of an epoch logged, then killed before its checkpoint:
@@ -1003,8 +895,7 @@ def training_step(env, loss_fn, optimizer):
 
 def bench_steps(step_fn, steps, clips_per_step):
     """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb and, on
-    CUDA, peak_gpu_mb, on a CPU its fast paths' timings). CUDA runs asynchronously: each timed call ends when the GPU
-    is done."""
+    CUDA, peak_gpu_mb). CUDA runs asynchronously: each timed call ends when the GPU is done."""
     import resource
     cuda = torch.cuda.is_available()
     step_fn()
@@ -1018,5 +909,4 @@ def bench_steps(step_fn, steps, clips_per_step):
     step_s = sorted(times)[len(times) // 2]
     return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else
-                   {"cpu_fast_paths": cpu_kernels().summary}))
+                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else {}))

@@ -54,7 +54,7 @@ def get_args(argv=None):
 
 def main(args):
     # 1. Devices and DDP
-    env = setup_distributed(args.precision)
+    env = setup_distributed(args)
     checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before anything is built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     video = args.mode == "video"
