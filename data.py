@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model import IMAGENET_MEAN, IMAGENET_STD
+
 # What a missing, truncated, empty or non-video file raises while it is read (PIL raises OSError for images).
 UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 

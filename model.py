@@ -43,83 +43,6 @@ VIDEOMAE_DECODER = {"vit_tiny": (96, 4, 3), "vit_small": (192, 4, 3), "vit_base"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ---------------------------------------------------------------------------- Command-line flags the three stages share
-NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
-                   "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
-                   "process, the lr scales with clips; an epoch still reads each video once (python data.py --bench: "
-                   "R=2 is 1.3-1.4x the clips a core on unprepared videos)")
-
-
-def clips_per_video(args):
-    """' x R clips per video' for the total batch's line where --num_sample R > 1, else ''."""
-    return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
-
-
-def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, lr_note="",
-                       absolute_min_lr=False):
-    """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
-    after parsing' (the official recipe with --data_path, a demo without) by fill_defaults."""
-    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="size of the model this stage trains")
-    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
-    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
-    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
-    p.add_argument("--num_frames", type=int)
-    p.add_argument("--sampling_rate", type=int, help="frames between sampled frames; 0 repeats one frame (a "
-                                                     "single-frame baseline: no motion left to see)")
-    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
-    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames); "
-                   "8 at 64 px gives an 8x8 grid")
-    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
-    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
-    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=min_lr, help="end of the cosine" + (
-        ", absolute (as the official)" if absolute_min_lr else ", scaled by total batch / 256 too (official 400-epoch "
-                                                                 "distillation scripts: 1e-4)"))
-    p.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW's, not on biases, norms, tokens")
-    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
-    p.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate of the trained model")
-    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="activation checkpointing of the trained blocks: less memory, more time")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto: bf16 on GPUs that compute it natively, else fp16 with loss scaling (as "
-                        "the official runs); fp32 on a CPU; a resumed run keeps its checkpoint's")
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode each video once, before the loader's workers start, and keep it in memory (the "
-                        "workers share it): small sets of small videos, like the synthetic set, then load at the "
-                        "model's pace")
-    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
-        "" if output_dir else "; default output/{mode}_mae, where distill.py looks for teachers"))
-    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
-    p.add_argument("--resume", default="", help="a training checkpoint of this stage to continue from")
-    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
-    p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
-                   "steps inside an epoch, for an exact resume there (0: off)")
-    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
-                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (README), under 1%% of 15 minutes")
-    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
-    p.add_argument("--visualize", type=int, default=0, metavar="N",
-                   help="write a PNG for each of the list's first N videos into OUTPUT_DIR/visualize from a trained "
-                        "checkpoint (what the model sees and predicts) and exit; never trains")
-
-
-def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error)."""
-    for table in tables:
-        for key, value in table.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    if args.input_size % args.patch_size or args.num_frames % 2:
-        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
-                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
-    return args
-
-
 # ---- Fixed sin-cos position tables (pure torch, computed in float64 like the official numpy code, returned as float32)
 def sincos_1d(dim, pos):
     """(L,) positions -> (L, dim): [sin(pos * omega), cos(pos * omega)], omega_i = 1 / 10000^(i / (dim/2))."""
@@ -149,14 +72,6 @@ def sinusoid_1d(dim, n):
 
 
 # --------------------------------------------------------------------------------- Building blocks shared by all models
-# FLOP formulas (on shapes) for torch.utils.flop_counter, which does not know the CPU attention kernel: attention is 2
-# products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
-FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *_, **__: 4 * math.prod(q) * k[-2],
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2]}
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with the official parameters: qkv weight without bias plus learned q_bias and v_bias.
     The key bias is fixed at zero: it adds the same term to every logit of a query, so the softmax ignores it."""
@@ -312,61 +227,6 @@ def visible_then_masked(x_vis, mask, mask_token, pos):
     return torch.cat([x_vis + pos_vis, mask_token.to(x_vis.dtype) + pos_mask], dim=1)
 
 
-# ------------------- Patches and pixels: the normalized-pixel targets of the teachers' pretraining, and pictures
-def patchify(x, p, tubelet=1):
-    """(B, C, T, H, W) -> (B, N, tubelet*p*p*C): the values of each tube (of each patch if tubelet 1) in (p0 p1 p2 c)
-    order, tokens t-major; images go in as (B, C, 1, H, W). The pixel order of MAE's and VideoMAE's targets."""
-    B, C, T, H, W = x.shape
-    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
-
-
-def unpatchify(x, grid, p, tubelet=1):
-    """The inverse of patchify: (B, N, tubelet*p*p*C) on the token grid (t, h, w) -> (B, C, t*tubelet, h*p, w*p)."""
-    (t, h, w), B = grid, x.shape[0]
-    x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
-    return x.reshape(B, -1, t * tubelet, h * p, w * p)
-
-
-def paint_tokens(values, grid, p, tubelet):
-    """For pictures: (B, N, C) one value per token -> (B, t, C, h*p, w*p), each token's values over its patch, one
-    picture per time step (tubes span `tubelet` frames: it is drawn on the first)."""
-    return unpatchify(values.repeat(1, 1, tubelet * p * p), grid, p, tubelet)[:, :, ::tubelet].transpose(1, 2)
-
-
-def to_pixels(x):
-    """Undo the ImageNet normalization: (B, 3, [T,] H, W) -> 0-1 pixels, float32."""
-    shape = (1, 3) + (1,) * (x.ndim - 2)
-    return x.float() * x.new_tensor(IMAGENET_STD).view(shape) + x.new_tensor(IMAGENET_MEAN).view(shape)
-
-
-def image_mae_targets(images, p):
-    """MAE: each patch normalized by the mean and (unbiased) variance of all its p*p*3 values."""
-    x = patchify(images[:, :, None], p).float()  # (B, L, p*p*3)
-    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
-
-
-def video_mae_targets(video, p, tubelet, normalize=True):
-    """VideoMAE: undo the ImageNet normalization, then each tube normalized per channel over its tubelet*p*p positions
-    ((x - mean) / (unbiased std + 1e-6); normalize=False keeps the 0-1 pixels, as the official --normlize_target
-    False), flattened in (p0 p1 p2 c) order. (B, 3, T, H, W) -> (B, N, tubelet*p*p*3)."""
-    x = patchify(to_pixels(video), p, tubelet)
-    x = x.view(*x.shape[:2], -1, 3)  # (B, N, positions, C)
-    if normalize:
-        x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
-    return x.flatten(2)
-
-
-def pca_colours(tokens):
-    """A colour map fitted on feature tokens (M, D), for pictures: centre them, project on their top 3 principal
-    directions (right singular vectors) and map each component's +-2 std to 0-1. Returns the map (..., D) -> (..., 3),
-    one fixed basis and scaling, so that a teacher's features and a student's predictions share the colours."""
-    mean = tokens.mean(0)
-    _, s, vh = torch.linalg.svd(tokens - mean, full_matrices=False)  # tokens - mean = U diag(s) Vh
-    four_std = (4 * s[:3] / (len(tokens) - 1) ** 0.5).clamp_min(1e-12)  # a component's std is s / sqrt(M - 1)
-    return lambda x: (0.5 + (x - mean) @ vh[:3].T / four_std).clamp(0, 1)
-
-
 # ------------------------------------------------------------------------------------------------------ The four models
 class ImageMAE(Encoder):
     """Image MAE (He et al.) = the image teacher. Encoder keys at the top level, decoder under MAE's own names.
@@ -517,6 +377,61 @@ class VideoClassifier(Encoder):
 
     def forward(self, video):  # -> logits (B, num_classes)
         return self.head(self.fc_dropout(self.features(video)))
+
+
+# ---------------------------------- The teachers' targets: normalized pixels of each patch (MAE) or tube (VideoMAE)
+def patchify(x, p, tubelet=1):
+    """(B, C, T, H, W) -> (B, N, tubelet*p*p*C): the values of each tube (of each patch if tubelet 1) in (p0 p1 p2 c)
+    order, tokens t-major; images go in as (B, C, 1, H, W). The pixel order of MAE's and VideoMAE's targets."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
+
+
+def unpatchify(x, grid, p, tubelet=1):
+    """The inverse of patchify: (B, N, tubelet*p*p*C) on the token grid (t, h, w) -> (B, C, t*tubelet, h*p, w*p)."""
+    (t, h, w), B = grid, x.shape[0]
+    x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
+    return x.reshape(B, -1, t * tubelet, h * p, w * p)
+
+
+def paint_tokens(values, grid, p, tubelet):
+    """For pictures: (B, N, C) one value per token -> (B, t, C, h*p, w*p), each token's values over its patch, one
+    picture per time step (tubes span `tubelet` frames: it is drawn on the first)."""
+    return unpatchify(values.repeat(1, 1, tubelet * p * p), grid, p, tubelet)[:, :, ::tubelet].transpose(1, 2)
+
+
+def to_pixels(x):
+    """Undo the ImageNet normalization: (B, 3, [T,] H, W) -> 0-1 pixels, float32."""
+    shape = (1, 3) + (1,) * (x.ndim - 2)
+    return x.float() * x.new_tensor(IMAGENET_STD).view(shape) + x.new_tensor(IMAGENET_MEAN).view(shape)
+
+
+def image_mae_targets(images, p):
+    """MAE: each patch normalized by the mean and (unbiased) variance of all its p*p*3 values."""
+    x = patchify(images[:, :, None], p).float()  # (B, L, p*p*3)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def video_mae_targets(video, p, tubelet, normalize=True):
+    """VideoMAE: undo the ImageNet normalization, then each tube normalized per channel over its tubelet*p*p positions
+    ((x - mean) / (unbiased std + 1e-6); normalize=False keeps the 0-1 pixels, as the official --normlize_target
+    False), flattened in (p0 p1 p2 c) order. (B, 3, T, H, W) -> (B, N, tubelet*p*p*3)."""
+    x = patchify(to_pixels(video), p, tubelet)
+    x = x.view(*x.shape[:2], -1, 3)  # (B, N, positions, C)
+    if normalize:
+        x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(2)
+
+
+def pca_colours(tokens):
+    """A colour map fitted on feature tokens (M, D), for pictures: centre them, project on their top 3 principal
+    directions (right singular vectors) and map each component's +-2 std to 0-1. Returns the map (..., D) -> (..., 3),
+    one fixed basis and scaling, so that a teacher's features and a student's predictions share the colours."""
+    mean = tokens.mean(0)
+    _, s, vh = torch.linalg.svd(tokens - mean, full_matrices=False)  # tokens - mean = U diag(s) Vh
+    four_std = (4 * s[:3] / (len(tokens) - 1) ** 0.5).clamp_min(1e-12)  # a component's std is s / sqrt(M - 1)
+    return lambda x: (0.5 + (x - mean) @ vh[:3].T / four_std).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------- Checkpoints
@@ -689,68 +604,7 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ------------------ Training plumbing shared by the three stages: devices and DDP, resume, one epoch of optimizer steps
-@functools.cache
-def torchrun_store():
-    """torchrun's store (env://), keys under this attempt's number: --max-restarts keeps one store for all attempts, and
-    a restarted rank could read the address a killed rank had published, and hang (pytorch/pytorch#135712). One per
-    process, kept. -> (store, rank, world_size)"""
-    store, rank, world_size = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
-
-
-def setup_distributed(args):
-    """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
-    process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
-    it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is 3x faster than fp32 on some CPUs with bf16 units
-    and 2x slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the
-    precision its checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which
-    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a
-    GradScaler (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
-    if ddp:
-        store, rank, world = torchrun_store()
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
-        # running at exit can abort the process
-    if args.precision == "auto":
-        path = checkpoint_to_resume(args)
-        recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
-        native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-        choice = recorded if recorded in DTYPES else "bf16" if native else "fp16" if cuda else "fp32"
-        if ddp:  # rank 0's choice for all, whatever each rank's disk holds
-            dist.broadcast_object_list(box := [choice], src=0)
-            choice = box[0]
-        why = (f"the precision {path} was trained in" if choice == recorded else "a GPU with native bf16" if native
-               else "a GPU without native bf16: fp16 with loss scaling" if cuda else "a CPU: fp32, whatever its units")
-        args.precision = choice
-        if rank == 0:
-            print(f"--precision auto: {choice} ({why})", flush=True)
-    if not cuda and args.precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
-                         "(~50x slower than fp32): use --precision fp32 (or bf16)")
-    if not cuda and args.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() and rank == 0:
-        print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
-              "fp32): --precision fp32 is faster here", flush=True)
-    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
-                           dtype=DTYPES[args.precision],
-                           scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def checkpoint_to_resume(args):
-    """--resume, else with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists, else None."""
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    return args.resume or (last if args.auto_resume and os.path.exists(last) else None)
-
-
+# ------------------------------- The loop the three stages share: resume, one epoch of optimizer steps, --bench
 def resume(args, env, model, optimizer):
     """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
@@ -910,3 +764,150 @@ def bench_steps(step_fn, steps, clips_per_step):
     return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else {}))
+
+
+# FLOP formulas (on shapes) for torch.utils.flop_counter, which does not know the CPU attention kernel: attention is 2
+# products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
+FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *_, **__: 4 * math.prod(q) * k[-2],
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2]}
+
+
+# ---------------------------------------------------------------------- Devices: one path for a CPU, a GPU, torchrun
+@functools.cache
+def torchrun_store():
+    """torchrun's store (env://), keys under this attempt's number: --max-restarts keeps one store for all attempts, and
+    a restarted rank could read the address a killed rank had published, and hang (pytorch/pytorch#135712). One per
+    process, kept. -> (store, rank, world_size)"""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
+
+
+def setup_distributed(args):
+    """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
+    process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
+    it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is 3x faster than fp32 on some CPUs with bf16 units
+    and 2x slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the
+    precision its checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which
+    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a
+    GradScaler (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    if ddp:
+        store, rank, world = torchrun_store()
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
+        # running at exit can abort the process
+    if args.precision == "auto":
+        path = checkpoint_to_resume(args)
+        recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
+        native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+        choice = recorded if recorded in DTYPES else "bf16" if native else "fp16" if cuda else "fp32"
+        if ddp:  # rank 0's choice for all, whatever each rank's disk holds
+            dist.broadcast_object_list(box := [choice], src=0)
+            choice = box[0]
+        why = (f"the precision {path} was trained in" if choice == recorded else "a GPU with native bf16" if native
+               else "a GPU without native bf16: fp16 with loss scaling" if cuda else "a CPU: fp32, whatever its units")
+        args.precision = choice
+        if rank == 0:
+            print(f"--precision auto: {choice} ({why})", flush=True)
+    if not cuda and args.precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        raise ValueError("--precision fp16: this CPU has no fp16 matrix units, so every product would be emulated "
+                         "(~50x slower than fp32): use --precision fp32 (or bf16)")
+    if not cuda and args.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() and rank == 0:
+        print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
+              "fp32): --precision fp32 is faster here", flush=True)
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
+                           dtype=DTYPES[args.precision],
+                           scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def checkpoint_to_resume(args):
+    """--resume, else with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists, else None."""
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    return args.resume or (last if args.auto_resume and os.path.exists(last) else None)
+
+
+# ---------------------------------------------------------------------------- Command-line flags the three stages share
+NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
+                   "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
+                   "process, the lr scales with clips; an epoch still reads each video once (python data.py --bench: "
+                   "R=2 is 1.3-1.4x the clips a core on unprepared videos)")
+
+
+def clips_per_video(args):
+    """' x R clips per video' for the total batch's line where --num_sample R > 1, else ''."""
+    return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
+
+
+def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, lr_note="",
+                       absolute_min_lr=False):
+    """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
+    after parsing' (the official recipe with --data_path, a demo without) by fill_defaults."""
+    p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="size of the model this stage trains")
+    p.add_argument("--depth", type=int, help="override the size's depth (small test configs)")
+    p.add_argument("--data_root", default="", help="folder the list's paths are relative to")
+    p.add_argument("--synthetic_root", default="output/synthetic", help="where the demo set is written once")
+    p.add_argument("--num_frames", type=int)
+    p.add_argument("--sampling_rate", type=int, help="frames between sampled frames; 0 repeats one frame (a "
+                                                     "single-frame baseline: no motion left to see)")
+    p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
+    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames); "
+                   "8 at 64 px gives an 8x8 grid")
+    p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
+    p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=min_lr, help="end of the cosine" + (
+        ", absolute (as the official)" if absolute_min_lr else ", scaled by total batch / 256 too (official 400-epoch "
+                                                                 "distillation scripts: 1e-4)"))
+    p.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW's, not on biases, norms, tokens")
+    p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
+    p.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate of the trained model")
+    p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing of the trained blocks: less memory, more time")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto: bf16 on GPUs that compute it natively, else fp16 with loss scaling (as "
+                        "the official runs); fp32 on a CPU; a resumed run keeps its checkpoint's")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode each video once, before the loader's workers start, and keep it in memory (the "
+                        "workers share it): small sets of small videos, like the synthetic set, then load at the "
+                        "model's pace")
+    p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
+        "" if output_dir else "; default output/{mode}_mae, where distill.py looks for teachers"))
+    p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUTPUT_DIR/checkpoint-last.pth when it exists")
+    p.add_argument("--resume", default="", help="a training checkpoint of this stage to continue from")
+    p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
+                   "steps inside an epoch, for an exact resume there (0: off)")
+    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
+                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (README), under 1%% of 15 minutes")
+    p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
+    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="write a PNG for each of the list's first N videos into OUTPUT_DIR/visualize from a trained "
+                        "checkpoint (what the model sees and predicts) and exit; never trains")
+
+
+def fill_defaults(p, args, *tables):
+    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error)."""
+    for table in tables:
+        for key, value in table.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if args.input_size % args.patch_size or args.num_frames % 2:
+        p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
+                f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")
+    return args
