@@ -84,67 +84,38 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     before the first needed frame and skipping the unneeded frames no other frame refers to (most B-frames). Only
     needed frames are converted to RGB; decoding stops after the last. Else frames are counted from the start."""
     first, last = min(wanted), max(wanted)
-    rate, time_base = stream.average_rate, stream.time_base
-    if by_pts and not (rate and time_base):
-        return None
-    ticks_per_frame = 1 / float(rate * time_base) if by_pts else None
-    # pts of frame 0 = the first frame a full decode gives; stream.start_time can be a frame off (AVI with B-frames).
-    # Read off the first packets when they show it plainly (the stream opens on a keyframe shown before the next 15
-    # packets), which decodes nothing; otherwise decode up to the first frame.
-    origin = None
-    if by_pts and first > 0:
-        head = list(itertools.islice(container.demux(stream), 16))
-        timed = [packet.pts for packet in head if packet.pts is not None]
-        if head and head[0].is_keyframe and head[0].pts is not None and head[0].pts == min(timed):
-            origin = head[0].pts
-        else:
-            origin = next((frame.pts for packet in itertools.chain(head, container.demux(stream))
-                           for frame in packet.decode()), None)
+    origin = ticks = None  # pts of frame 0, pts ticks per frame
+    if by_pts:
+        if not (stream.average_rate and stream.time_base):
+            return None
+        ticks, origin = 1 / float(stream.average_rate * stream.time_base), _frame_zero(container, stream)
         if origin is None:
             return None
         # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
         # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
-        container.seek(origin + int(max(first - 4, 0) * ticks_per_frame), stream=stream)
-    out, previous, index, skipped, held, fed = {}, None, -1, set(), [], set()
+        container.seek(origin + int(max(first - 4, 0) * ticks), stream=stream)
     # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame (5-10x
     # the decoding itself). On one thread: PyAV 17+ converts on every core, slower for frames this small, and a loader
     # worker per core must not start a thread per core.
     rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24", threads=1)
-    for packet in container.demux(stream):
-        n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks_per_frame)
-        needed = n is None or n in wanted
-        skipped.update([] if needed else [n])
-        if not needed and n < last:
-            # A frame nobody needs before the last needed one is held back, undecoded, until a needed one may refer
-            # to it. At a keyframe after every needed frame before it, decoding can start afresh: what is held is
-            # dropped. So clips far apart in one video cost two short decodes, not the reference frames between.
-            if packet.is_keyframe and all(w in fed for w in wanted if w < n):
-                held = []
-            held.append(packet)
-            continue
-        fed.add(n)
-        for p in held + [packet]:
-            # decided per packet, before the decoder's threads see it: frames no other frame refers to are skipped
-            stream.codec_context.skip_frame = "DEFAULT" if p is packet and needed else "NONREF"
-            for frame in p.decode():
-                if by_pts:
-                    if frame.pts is None:
-                        return None
-                    origin = frame.pts if origin is None else origin
-                    i = round((frame.pts - origin) / ticks_per_frame)
-                    # Gaps are expected before the first needed frame (the seek); from there on the only frames
-                    # missing may be those skipped on purpose, or timestamps do not count frames (variable rate).
-                    if i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
-                        return None
-                    index = i
-                else:
-                    index += 1
-                if index in wanted or convert_all:
-                    out[index] = rgb(frame).to_ndarray()
-                if index >= last and not convert_all:
-                    return out
-                previous = frame
-        held = []
+    out, previous, index, skipped = {}, None, -1, set()
+    for packet, skip in _packets_to_decode(container.demux(stream), origin, ticks, wanted, skipped):
+        stream.codec_context.skip_frame = skip  # set before the decoder's threads see the packet
+        for frame in packet.decode():
+            if by_pts:
+                i = None if frame.pts is None else round((frame.pts - origin) / ticks)
+                # Gaps are expected before the first needed frame (the seek); from there on the only frames
+                # missing may be those skipped on purpose, or timestamps do not count frames (variable rate).
+                if i is None or i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
+                    return None
+                index = i
+            else:
+                index += 1
+            if index in wanted or convert_all:
+                out[index] = rgb(frame).to_ndarray()
+            if index >= last and not convert_all:
+                return out
+            previous = frame
     if previous is None:
         if by_pts:
             return None
@@ -153,6 +124,41 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
         return None  # its last frame may be one of them
     tail = out[index] if index in out else rgb(previous).to_ndarray()
     return {i: out.get(i, tail) for i in wanted}  # indices past the end get the last frame
+
+
+def _frame_zero(container, stream):
+    """pts of frame 0, the first frame a full decode gives (stream.start_time can be a frame off: AVI with B-frames),
+    or None. Read off the first packets when they show it plainly (the stream opens on a keyframe shown before the
+    next 15 packets), which decodes nothing; otherwise decode up to the first frame."""
+    head = list(itertools.islice(container.demux(stream), 16))
+    timed = [packet.pts for packet in head if packet.pts is not None]
+    if head and head[0].is_keyframe and head[0].pts is not None and head[0].pts == min(timed):
+        return head[0].pts
+    return next((frame.pts for packet in itertools.chain(head, container.demux(stream)) for frame in packet.decode()),
+                None)
+
+
+def _packets_to_decode(packets, origin, ticks, wanted, skipped):
+    """The packets the decoder needs, each with its skip_frame setting: "DEFAULT" for a needed frame, "NONREF" for
+    others (frames no other frame refers to are not decoded). A packet's frame number comes from its pts (None without
+    origin: every packet is needed); unneeded ones are added to `skipped`. A frame nobody needs before the last needed
+    one is held back, undecoded, until a needed one may refer to it; at a keyframe after every needed frame before it,
+    decoding can start afresh and what is held is dropped. So clips far apart in one video cost two short decodes, not
+    the reference frames between."""
+    last, held, fed = max(wanted), [], set()
+    for packet in packets:
+        n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks)
+        needed = n is None or n in wanted
+        if not needed:
+            skipped.add(n)
+            if n < last:
+                if packet.is_keyframe and all(w in fed for w in wanted if w < n):
+                    held = []
+                held.append(packet)
+                continue
+        fed.add(n)
+        yield from [(p, "NONREF") for p in held] + [(packet, "DEFAULT" if needed else "NONREF")]
+        held = []
 
 
 def _frame_count(container, stream):
