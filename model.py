@@ -252,18 +252,10 @@ class ImageMAE(Encoder):
         return to_timm_layout(self.state_dict())
 
     def video_features(self, video, frame_stride=2):
-        """Teacher features of every frame_stride-th frame of a clip, in the student's tube order.
-        (B, 3, T, H, W) -> (B, T/frame_stride * L, D). The 2D patch embedding runs as a Conv3d of temporal size 1 and
-        stride frame_stride over the clip itself, so the frames are never gathered into an image batch (no copy)."""
-        w = self.patch_embed.proj.weight.unsqueeze(2)  # (D, 3, p, p) -> (D, 3, 1, p, p)
-        p = self.patch_size
-        x = F.conv3d(video, w, self.patch_embed.proj.bias, stride=(frame_stride, p, p))  # (B, D, t, h, w)
-        B, _, t = x.shape[:3]
-        x = x.flatten(3).permute(0, 2, 3, 1).reshape(B * t, -1, self.dim)  # (B, D, t, L) -> (B*t, L, D)
-        x = x + self.pos_embed[:, 1:].to(x.dtype)
-        x = torch.cat([self.cls_token.expand(B * t, -1, -1).to(x.dtype), x], dim=1)
-        x = run_blocks(self.blocks, x)[:, 1:]  # (B*t, L, D)
-        return x.reshape(B, -1, self.dim)  # (B, t*L, D): frame-major, then row, column = the student's tube order
+        """Teacher features of every frame_stride-th frame of a clip (0, 2, 4, ...), each frame an image, in the
+        student's tube order: (B, 3, T, H, W) -> (B, T/frame_stride * L, D)."""
+        frames = video[:, :, ::frame_stride].transpose(1, 2).flatten(0, 1)  # (B*t, 3, H, W), clip by clip
+        return self.teacher_features(frames).reshape(video.shape[0], -1, self.dim)  # frame-major, then row, column
 
     def forward(self, images, mask_ratio=0.75, mask=None):
         """MAE pretraining step: -> (loss, pred (B, L, p*p*3) for every patch, mask (B, L)). A mask may be given."""
