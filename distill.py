@@ -74,14 +74,15 @@ def build_teacher(kind, args, device, dtype):
     path = getattr(args, f"{kind}_teacher") or (default if os.path.exists(default) else None)
     saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
-    depth = saved.get("depth")  # our small test configs record their depth
+    depth, eps = saved.get("depth"), saved.get("layer_norm_eps", 1e-6)  # our test configs record their depth, a
+    # transformers folder its depth and layer-norm epsilon (the Hub's VideoMAE: 1e-12, the original code 1e-6)
     patch = args.teacher_patch_size if kind == "image" else args.patch_size  # the video teacher's tubes = the student's
     check_trained_with(f"the {kind} teacher {path}", saved, "patch_size", patch, patch,
                        "teacher_patch_size" if kind == "image" else "patch_size")
     if kind == "image":
-        teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth)
+        teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth, eps=eps)
     else:
-        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth,
+        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth, eps=eps,
                            pos=saved.get("pos_embed", "1d"))  # the table it was trained with: official VideoMAE's 1d
     if path:
         print(f"{kind} teacher {size} from {path}")

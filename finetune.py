@@ -100,6 +100,8 @@ def load_pretrained(model, path, pos_embed="3d"):
     state = state.get("model", state.get("module", state))  # where our and the official checkpoints keep weights
     if any(key.startswith("encoder.") for key in state):  # a VideoMAE: official ones learnt the 1d table
         check_trained_with(f"{path} (a VideoMAE)", recorded, "pos_embed", pos_embed, "1d")
+    for block in model.blocks:  # a transformers folder records its epsilon (the Hub's VideoMAE: 1e-12; ours 1e-6)
+        block.norm1.eps = block.norm2.eps = recorded.get("layer_norm_eps", block.norm1.eps)
     print(f"weights from {path}:", end=" ")
     return load_checkpoint(model, state, fresh=("head.weight", "head.bias"))
 

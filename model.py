@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import time
@@ -113,9 +114,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch under DropPath."""
 
-    def __init__(self, dim, heads, drop_path=0.0):
+    def __init__(self, dim, heads, drop_path=0.0, eps=1e-6):  # eps: the original code's; transformers' VideoMAE 1e-12
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.mlp = Mlp(dim, 4 * dim)  # MLP ratio 4
         self.drop_path = DropPath(drop_path)
@@ -158,7 +159,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, size="vit_base", img_size=224, patch_size=16, num_frames=16, tubelet_size=2, pos="3d",
-                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, use_checkpoint=False,
+                 cls_token=False, final_norm=True, persistent_pos=True, drop_path=0.0, use_checkpoint=False, eps=1e-6,
                  **overrides):
         super().__init__()
         if size not in VIT_SIZES:
@@ -175,9 +176,9 @@ class Encoder(nn.Module):
             table = torch.cat([torch.zeros(1, self.dim), table])  # MAE's table has a zero row for the cls token
         self.register_buffer("pos_embed", table[None], persistent=persistent_pos)  # (1, [1+]N, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim)) if cls_token else None
-        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp)  # drop path rising from 0
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, dp, eps)  # drop path rising from 0
                                     for dp in torch.linspace(0, drop_path, self.depth).tolist())
-        self.norm = nn.LayerNorm(self.dim, eps=1e-6) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(self.dim, eps=eps) if final_norm else nn.Identity()
 
     def embed(self, x, mask=None):  # (B, 3, [T,] H, W) -> (B, [1+]N_vis, D)
         x = self.patch_embed(x)
@@ -446,8 +447,87 @@ def to_timm_layout(state_dict):
     return out
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure."""
+SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+                          I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: an 8-byte little-endian header length, a JSON header {name: {dtype,
+    shape, data_offsets}} (offsets from the end of the header), the raw bytes. The tensors are views of one private
+    memory map of the file: pages are read as used, never copied twice."""
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(start - 8)), mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return {name: torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
+                                   offset=start + t["data_offsets"][0]).view(t["shape"])
+            for name, t in header.items() if name != "__metadata__"}
+
+
+# transformers' ViTMAE / VideoMAE names -> ours, applied in order (docs/details.md has the table)
+HUB_RENAMES = [(r"^(vit|videomae)\.", ""), (r"embeddings\.patch_embeddings\.projection", "patch_embed.proj"),
+               (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.position_embeddings", "pos_embed"),
+               (r"^encoder\.layer\.", "blocks."), (r"layernorm_before", "norm1"), (r"layernorm_after", "norm2"),
+               (r"attention\.output\.dense", "attn.proj"), (r"attention\.attention\.", "attn."),
+               (r"intermediate\.dense", "mlp.fc1"), (r"output\.dense", "mlp.fc2"), (r"^layernorm\.", "norm."),
+               (r"^classifier\.", "head.")]
+HUB_DECODER = {"vit_mae": [(r"^decoder\.decoder_layers\.", "decoder_blocks."), (r"^decoder\.", "")],  # MAE's names
+               "videomae": [(r"^decoder\.decoder_layers\.", "decoder.blocks."),  # VideoMAE's: encoder under encoder.
+                            (r"^(patch_embed|blocks|norm)\.", r"encoder.\1.")]}
+
+
+def read_hub_folder(path):
+    """A transformers folder (config.json + model.safetensors or pytorch_model.bin), or its weights file beside its
+    config.json, of ViTMAE (-Model, -ForPreTraining) or VideoMAE (-Model, -ForPreTraining, -ForVideoClassification)
+    -> {"model": our state dict, "args": the config as our flags}, as read_checkpoint returns our checkpoints. q, k, v
+    are fused into qkv with the q and v biases; the key bias is dropped (the softmax ignores it). What we cannot build
+    exactly is refused in one line."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights = path if not os.path.isdir(path) else next((os.path.join(folder, n) for n in (
+        "model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(folder, n))), "")
+    if not (os.path.exists(weights) and os.path.exists(os.path.join(folder, "config.json"))):
+        raise ValueError(f"{path}: a transformers folder holds config.json and model.safetensors or pytorch_model.bin "
+                         "(download both)")
+    with open(os.path.join(folder, "config.json")) as f:  # transformers' defaults where a config leaves one out
+        c = {**dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
+                    hidden_act="gelu", patch_size=16, image_size=224, num_frames=16, tubelet_size=2, num_channels=3,
+                    layer_norm_eps=1e-12, use_mean_pooling=True), **json.load(f)}
+    size = next((k for k, v in VIT_SIZES.items() if (v["dim"], v["heads"]) == (c["hidden_size"],
+                                                                                   c["num_attention_heads"])), None)
+    state = read_safetensors(weights) if weights.endswith(".safetensors") else read_checkpoint(weights, hub=False)
+    differs = [text for bad, text in [
+        (c.get("model_type") not in HUB_DECODER, f"model_type {c.get('model_type')!r} (ViTMAE and VideoMAE are read)"),
+        (not size, f"hidden_size {c['hidden_size']} with {c['num_attention_heads']} heads (not in VIT_SIZES)"),
+        (c["intermediate_size"] != 4 * c["hidden_size"], f"intermediate_size {c['intermediate_size']} (ours: 4 x "
+                                                          f"hidden_size)"),
+        (c["hidden_act"] != "gelu", f"hidden_act {c['hidden_act']!r} (ours: the exact 'gelu')"),
+        (c["tubelet_size"] != 2, f"tubelet_size {c['tubelet_size']} (ours: 2)"),
+        (c["num_channels"] != 3, f"num_channels {c['num_channels']} (ours: 3)"),
+        ("classifier.weight" in state and not c["use_mean_pooling"], "a classifier on token 0 (use_mean_pooling "
+                                                                      "false; ours mean-pools the tokens)")] if bad]
+    if differs:
+        raise ValueError(f"{path} cannot be built exactly here: {'; '.join(differs)}")
+    out = {}
+    for key, value in state.items():
+        for pattern, new in HUB_RENAMES + HUB_DECODER[c["model_type"]]:
+            key = re.sub(pattern, new, key)
+        out[key] = value
+    for key in [k for k in out if k.endswith("attn.query.weight")]:
+        pre, zeros = key[:-len("query.weight")], torch.zeros(len(out[key]))  # qkv_bias false: zero biases
+        out[pre + "qkv.weight"] = torch.cat([out.pop(f"{pre}{n}.weight") for n in ("query", "key", "value")])
+        out[pre + "q_bias"] = out.pop(pre + "query.bias", out.pop(pre + "q_bias", zeros))
+        out[pre + "v_bias"] = out.pop(pre + "value.bias", out.pop(pre + "v_bias", zeros))
+        out.pop(pre + "key.bias", None)
+    video = dict(num_frames=c["num_frames"], pos_embed="1d") if c["model_type"] == "videomae" else {}
+    return {"model": out, "args": dict(model=size, depth=c["num_hidden_layers"], patch_size=c["patch_size"],
+                                       input_size=c["image_size"], layer_norm_eps=c["layer_norm_eps"], **video)}
+
+
+def read_checkpoint(path, hub=True):
+    """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure.
+    A transformers folder, or a weights file with a config.json beside it, is read by read_hub_folder."""
+    if hub and (os.path.isdir(path) or str(path).endswith(".safetensors") or str(path).endswith(".bin") and
+                os.path.exists(os.path.join(os.path.dirname(path), "config.json"))):
+        return read_hub_folder(path)
     try:  # the official training scripts also pickle their argparse.Namespace: that much is allowed
         with torch.serialization.safe_globals([argparse.Namespace]):  # memory-mapped: pages are read as used, so
             # reading a checkpoint's recorded flags costs nothing; files of torch before 1.6 cannot be mapped
