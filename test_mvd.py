@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -860,6 +861,360 @@ class TestModelUnsafeCheckpoints(unittest.TestCase):
         self.assertNotIn("weights_only", message)
         self.assertIn("damaged or not a PyTorch checkpoint", message)
         _m_load(self.model, good)  # the intact file loads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7b. Hugging Face transformers folders (ViTMAE, VideoMAE): read, written back, refused
+# ---------------------------------------------------------------------------------------------------------------------
+def _hf_rand_layers(gen, prefix, D, depth, videomae, qkv_bias=True):
+    """transformers' layer names, typed out from its ViTMAELayer / VideoMAELayer (not read from model.py): separate
+    query/key/value; ViTMAE's carry their own biases (the key's too), VideoMAE's q_bias and v_bias."""
+    sd = {}
+    for i in range(depth):
+        p = f"{prefix}encoder.layer.{i}."
+        for norm in ("layernorm_before", "layernorm_after"):
+            sd[f"{p}{norm}.weight"], sd[f"{p}{norm}.bias"] = _m_rand(gen, D, scale=0.1, offset=1.0), _m_rand(gen, D)
+        for name in ("query", "key", "value"):
+            sd[f"{p}attention.attention.{name}.weight"] = _m_rand(gen, D, D, scale=0.08)
+            if qkv_bias and not videomae:
+                sd[f"{p}attention.attention.{name}.bias"] = _m_rand(gen, D, scale=0.1)
+        if qkv_bias and videomae:
+            sd[f"{p}attention.attention.q_bias"], sd[f"{p}attention.attention.v_bias"] = (_m_rand(gen, D, scale=0.1),
+                                                                                          _m_rand(gen, D, scale=0.1))
+        for name, (o, i_) in (("attention.output.dense", (D, D)), ("intermediate.dense", (4 * D, D)),
+                              ("output.dense", (D, 4 * D))):
+            sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"] = _m_rand(gen, o, i_, scale=0.05), _m_rand(gen, o)
+    return sd
+
+
+class _Reads(dict):
+    """A state dict that remembers which keys a reference forward read: what transformers would load."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _hf_reference_layers(x, sd, prefix, depth, heads, eps):
+    """transformers' ViTMAELayer / VideoMAELayer by hand: q, k, v each with its own bias (VideoMAE: q_bias, a zero key
+    bias, v_bias), the scores scaled by d^-0.5, exact GELU, LayerNorm with the config's epsilon."""
+    B, N, D = x.shape
+    d = D // heads
+    for i in range(depth):
+        p = f"{prefix}encoder.layer.{i}."
+        a = p + "attention.attention."
+        h = _m_layernorm(x, sd[p + "layernorm_before.weight"], sd[p + "layernorm_before.bias"], eps)
+        bias = {"query": a + "q_bias", "key": None, "value": a + "v_bias"}
+        qkv = []
+        for name in ("query", "key", "value"):
+            b = sd[a + name + ".bias"] if a + name + ".bias" in sd else sd[bias[name]] if bias[name] in sd else 0
+            qkv.append((h @ sd[a + name + ".weight"].T + b).reshape(B, N, heads, d).transpose(1, 2))
+        q, k, v = qkv
+        att = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1)
+        ctx = (att @ v).transpose(1, 2).reshape(B, N, D)
+        x = x + ctx @ sd[p + "attention.output.dense.weight"].T + sd[p + "attention.output.dense.bias"]
+        h = _m_layernorm(x, sd[p + "layernorm_after.weight"], sd[p + "layernorm_after.bias"], eps)
+        h = _m_gelu(h @ sd[p + "intermediate.dense.weight"].T + sd[p + "intermediate.dense.bias"])
+        x = x + h @ sd[p + "output.dense.weight"].T + sd[p + "output.dense.bias"]
+    return x
+
+
+def _hf_videomae_reference(sd, clip, prefix, depth=2, heads=3, eps=1e-12, p=8):
+    """VideoMAEModel's encoder on (B, T, C, H, W) frames: Conv3d tubes + the 1D sinusoid table + layers."""
+    x = F.conv3d(clip.permute(0, 2, 1, 3, 4), sd[prefix + "embeddings.patch_embeddings.projection.weight"],
+                 sd[prefix + "embeddings.patch_embeddings.projection.bias"], stride=(2, p, p)).flatten(2).transpose(1, 2)
+    x = x + torch.as_tensor(_m_np_sinusoid_1d(x.shape[-1], x.shape[1]), dtype=torch.float32).to(x.dtype)  # float32
+    return _hf_reference_layers(x, sd, prefix, depth, heads, eps)
+
+
+def _hf_config(kind, **changes):
+    """A config.json as transformers writes it for the tiny test sizes (vit_tiny width, 2 layers, 32 px, patch 8)."""
+    return {"model_type": kind, "hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 768, "hidden_act": "gelu", "image_size": 32, "patch_size": 8, "num_channels": 3,
+            "qkv_bias": True, "layer_norm_eps": 1e-12,
+            **({"num_frames": 4, "tubelet_size": 2, "use_mean_pooling": False} if kind == "videomae" else {}),
+            **changes}
+
+
+def _hf_export_tool():
+    spec = importlib.util.spec_from_file_location("export_hf", os.path.join(HERE, "tools", "export_hf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestHubFolders(unittest.TestCase):
+    """transformers folders (config.json + model.safetensors or pytorch_model.bin) without transformers: the layouts
+    are typed out here from transformers' ViTMAE / VideoMAE modules, and their forward written by hand."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = self.tmp.name
+        self.tool = _hf_export_tool()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def folder(self, name, config, sd, weights="model.safetensors"):
+        path = os.path.join(self.dir, name)
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+        if weights.endswith(".safetensors"):
+            self.tool.write_safetensors(os.path.join(path, weights), sd)
+        else:
+            torch.save(sd, os.path.join(path, weights))
+        return path
+
+    def vit_mae_sd(self, gen, D=192, depth=2, p=8, qkv_bias=True):
+        """ViTMAEForPreTraining: vit.* encoder with its stored 2D table, decoder.* with MAE's names."""
+        sd = {"vit.embeddings.cls_token": _m_rand(gen, 1, 1, D, scale=0.5),
+              "vit.embeddings.position_embeddings": torch.cat([torch.zeros(1, D), _m_t(_m_np_sincos_2d(D, 4, 4))])[None],
+              "vit.embeddings.patch_embeddings.projection.weight": _m_rand(gen, D, 3, p, p),
+              "vit.embeddings.patch_embeddings.projection.bias": _m_rand(gen, D, scale=0.1),
+              **_hf_rand_layers(gen, "vit.", D, depth, videomae=False, qkv_bias=qkv_bias),
+              "vit.layernorm.weight": _m_rand(gen, D, offset=1.0), "vit.layernorm.bias": _m_rand(gen, D),
+              "decoder.decoder_embed.weight": _m_rand(gen, 64, D), "decoder.decoder_embed.bias": _m_rand(gen, 64),
+              "decoder.mask_token": _m_rand(gen, 1, 1, 64),
+              "decoder.decoder_pos_embed": torch.zeros(1, 17, 64),
+              "decoder.decoder_norm.weight": _m_rand(gen, 64, offset=1.0), "decoder.decoder_norm.bias": _m_rand(gen, 64),
+              "decoder.decoder_pred.weight": _m_rand(gen, p * p * 3, 64),
+              "decoder.decoder_pred.bias": _m_rand(gen, p * p * 3)}
+        return {**sd, **{k.replace("vit.encoder", "decoder.decoder_layers.X").replace("X.layer.", ""): v
+                         for k, v in _hf_rand_layers(gen, "vit.", 64, 1, videomae=False).items()}}
+
+    def videomae_sd(self, gen, prefix="videomae.", D=192, depth=2, p=8, classes=0, qkv_bias=True):
+        """VideoMAEModel (prefix ''), or VideoMAEForVideoClassification (prefix 'videomae.', fc_norm, classifier)."""
+        sd = {prefix + "embeddings.patch_embeddings.projection.weight": _m_rand(gen, D, 3, 2, p, p),
+              prefix + "embeddings.patch_embeddings.projection.bias": _m_rand(gen, D, scale=0.1),
+              **_hf_rand_layers(gen, prefix, D, depth, videomae=True, qkv_bias=qkv_bias)}
+        if classes:
+            sd.update({"fc_norm.weight": _m_rand(gen, D, offset=1.0), "fc_norm.bias": _m_rand(gen, D),
+                       "classifier.weight": _m_rand(gen, classes, D), "classifier.bias": _m_rand(gen, classes)})
+        else:
+            sd.update({prefix + "layernorm.weight": _m_rand(gen, D, offset=1.0), prefix + "layernorm.bias": _m_rand(gen, D)})
+        return sd
+
+    def test_safetensors_round_trip_of_dtypes_and_a_non_contiguous_tensor(self):
+        gen = torch.Generator().manual_seed(0)
+        tensors = {"f32": torch.randn(3, 5, generator=gen), "bf16": torch.randn(7, generator=gen).bfloat16(),
+                   "f16_odd": torch.randn(3, generator=gen).half(),  # 6 bytes: the next tensor starts unaligned
+                   "i64": torch.arange(-4, 5).reshape(3, 3) * 2 ** 40, "transposed": torch.randn(4, 6, generator=gen).T,
+                   "scalar": torch.tensor(2.5, dtype=torch.float64), "flags": torch.tensor([True, False, True])}
+        self.assertFalse(tensors["transposed"].is_contiguous())
+        path = os.path.join(self.dir, "t.safetensors")
+        self.tool.write_safetensors(path, tensors)
+        back = M.read_safetensors(path)
+        self.assertEqual(list(back), list(tensors))
+        for name, t in tensors.items():
+            self.assertEqual((back[name].dtype, back[name].shape), (t.dtype, t.shape), name)
+            self.assertTrue(torch.equal(back[name], t), name)
+        with open(path, "rb") as f:  # the documented layout, read here with struct and json
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            raw = f.read()
+        self.assertEqual(n % 8, 0)
+        self.assertEqual(header["bf16"], {"dtype": "BF16", "shape": [7], "data_offsets": [60, 74]})
+        start, end = header["i64"]["data_offsets"]
+        self.assertEqual(np.frombuffer(raw[start:end], "<i8").tolist(), tensors["i64"].flatten().tolist())
+        start, end = header["transposed"]["data_offsets"]  # written row by row of the transposed view
+        np.testing.assert_array_equal(np.frombuffer(raw[start:end], "<f4").reshape(6, 4), tensors["transposed"].numpy())
+        # one memory map, no copy: the tensors lie in it at their offsets from the data's start
+        self.assertEqual(back["i64"].data_ptr() - back["f32"].data_ptr(), header["i64"]["data_offsets"][0])
+        # a file written by hand (numpy bytes, an unpadded header, __metadata__) reads the same
+        hand = os.path.join(self.dir, "hand.safetensors")
+        h = json.dumps({"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                        "b": {"dtype": "I64", "shape": [1], "data_offsets": [16, 24]}}).encode()
+        with open(hand, "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + np.array([[1, 2], [3, 4]], "<f4").tobytes()
+                    + np.array([-7], "<i8").tobytes())
+        got = M.read_safetensors(hand)
+        self.assertEqual((got["a"].tolist(), got["b"].tolist()), ([[1.0, 2.0], [3.0, 4.0]], [-7]))
+
+    def test_hand_built_layouts_map_onto_our_parameters(self):
+        D = 192
+        known = {}
+        for i in range(2):  # each tensor a constant that names it
+            p = f"vit.encoder.layer.{i}.attention.attention."
+            for j, name in enumerate(("query", "key", "value")):
+                known[f"{p}{name}.weight"] = torch.full((D, D), 10.0 * i + j + 1)
+                known[f"{p}{name}.bias"] = torch.full((D,), 10.0 * i + j + 4)
+        sd = {**self.vit_mae_sd(torch.Generator().manual_seed(1)), **known}
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            with self.subTest(weights=weights):
+                path = self.folder(f"vit_mae_{weights}", _hf_config("vit_mae"), sd, weights)
+                for src in (path, os.path.join(path, weights)):  # the folder, or its weights file
+                    m = _m_image_mae(0, depth=2, decoder_depth=1, decoder_dim=64, decoder_heads=4)
+                    missing, unexpected, _ = _m_load(m, src)
+                    self.assertEqual((list(missing), list(unexpected)), ([], []))
+                    own = m.state_dict()
+                    for i in range(2):
+                        qkv = own[f"blocks.{i}.attn.qkv.weight"]
+                        for j in range(3):  # q, k, v slices in that order
+                            self.assertTrue(torch.equal(qkv[j * D:(j + 1) * D], torch.full((D, D), 10.0 * i + j + 1)))
+                        self.assertTrue(torch.equal(own[f"blocks.{i}.attn.q_bias"], torch.full((D,), 10.0 * i + 4)))
+                        self.assertTrue(torch.equal(own[f"blocks.{i}.attn.v_bias"], torch.full((D,), 10.0 * i + 6)))
+                    pairs = {"cls_token": "vit.embeddings.cls_token", "norm.weight": "vit.layernorm.weight",
+                             "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+                             "blocks.1.norm1.bias": "vit.encoder.layer.1.layernorm_before.bias",
+                             "blocks.1.norm2.weight": "vit.encoder.layer.1.layernorm_after.weight",
+                             "blocks.0.attn.proj.weight": "vit.encoder.layer.0.attention.output.dense.weight",
+                             "blocks.0.mlp.fc1.bias": "vit.encoder.layer.0.intermediate.dense.bias",
+                             "blocks.1.mlp.fc2.weight": "vit.encoder.layer.1.output.dense.weight",
+                             "decoder_embed.weight": "decoder.decoder_embed.weight", "mask_token": "decoder.mask_token",
+                             "decoder_blocks.0.norm1.weight": "decoder.decoder_layers.0.layernorm_before.weight",
+                             "decoder_norm.bias": "decoder.decoder_norm.bias",
+                             "decoder_pred.weight": "decoder.decoder_pred.weight"}
+                    for ours, theirs in pairs.items():
+                        self.assertTrue(torch.equal(own[ours], sd[theirs]), ours)
+        # VideoMAE classification: q_bias / v_bias by those names, fc_norm, classifier -> head, encoder under videomae.
+        gen = torch.Generator().manual_seed(2)
+        sd = self.videomae_sd(gen, classes=5)
+        path = self.folder("videomae_cls", _hf_config("videomae", use_mean_pooling=True), sd)
+        c = _m_classifier(0, depth=2, pos="1d")
+        missing, unexpected, _ = _m_load(c, path)
+        self.assertEqual((list(missing), list(unexpected)), ([], []))
+        own = c.state_dict()
+        p = "videomae.encoder.layer.1.attention.attention."
+        self.assertTrue(torch.equal(own["blocks.1.attn.qkv.weight"][D:2 * D], sd[p + "key.weight"]))
+        self.assertTrue(torch.equal(own["blocks.1.attn.q_bias"], sd[p + "q_bias"]))
+        self.assertTrue(torch.equal(own["blocks.1.attn.v_bias"], sd[p + "v_bias"]))
+        for ours, theirs in (("head.weight", "classifier.weight"), ("fc_norm.bias", "fc_norm.bias")):
+            self.assertTrue(torch.equal(own[ours], sd[theirs]), ours)
+        # qkv_bias false: no biases in the file, ours are zeros
+        path = self.folder("no_bias", _hf_config("videomae", qkv_bias=False), self.videomae_sd(gen, qkv_bias=False))
+        v = _m_video_mae(0, depth=2, decoder_depth=0)
+        v.encoder.blocks[0].attn.q_bias.data.fill_(1.0)
+        missing, unexpected, _ = _m_load(v, path)
+        self.assertEqual((list(missing), list(unexpected)), ([], []))
+        self.assertTrue(torch.equal(v.encoder.blocks[0].attn.q_bias, torch.zeros(D)))
+
+    def teacher_args(self, **teachers):
+        return distill.get_args(flags({"--input_size": 32, "--num_frames": 4, "--patch_size": 8,
+                                       "--teacher_patch_size": 8, **teachers}))
+
+    def test_teachers_from_hub_folders_compute_transformers_features(self):
+        gen = torch.Generator().manual_seed(3)
+        image_sd, video_sd = _Reads(self.vit_mae_sd(gen)), _Reads(self.videomae_sd(gen))
+        args = self.teacher_args(**{"--image_teacher": self.folder("vit", _hf_config("vit_mae"), image_sd),
+                                    "--video_teacher": self.folder("vid", _hf_config("videomae"), video_sd)})
+        with contextlib.redirect_stdout(io.StringIO()):
+            image, video = (distill.build_teacher(kind, args, "cpu", torch.float32).double() for kind in ("image", "video"))
+        self.assertEqual(image.blocks[1].norm2.eps, 1e-12)  # the config's, not our 1e-6
+        self.assertEqual(video.encoder.depth, 2)
+        clip = _m_video(4).double()
+        with torch.no_grad():
+            got_image, got_video = image.teacher_features(clip[:, :, 0]), video.teacher_features(clip)
+        image_sd, video_sd = ({k: v.double() for k, v in sd.items()} for sd in (image_sd, video_sd))
+        for eps, close in ((1e-12, True), (1e-6, False)):  # equal to transformers' at its epsilon, not at ours
+            # ViTMAEModel with noise = arange (no token shuffled) and mask_ratio 0: its stored table, cls token first
+            x = F.conv2d(clip[:, :, 0], image_sd["vit.embeddings.patch_embeddings.projection.weight"],
+                         image_sd["vit.embeddings.patch_embeddings.projection.bias"], stride=8).flatten(2).transpose(1, 2)
+            table = image_sd["vit.embeddings.position_embeddings"]
+            x = torch.cat([(image_sd["vit.embeddings.cls_token"] + table[:, :1]).expand(2, -1, -1), x + table[:, 1:]], 1)
+            ref_image = _hf_reference_layers(x, image_sd, "vit.", 2, 3, eps)[:, 1:]
+            ref_video = _hf_videomae_reference(video_sd, clip.transpose(1, 2), "videomae.", eps=eps)
+            for got, ref in ((got_image, ref_image), (got_video, ref_video)):
+                self.assertEqual(got.shape, ref.shape)
+                self.assertEqual((got - ref).abs().max().item() < 1e-9, close, (eps, (got - ref).abs().max().item()))
+
+    def test_exported_teacher_and_classifier_read_back_and_match_transformers(self):
+        gen = torch.Generator().manual_seed(4)
+        clip = _m_video(5)
+        teacher = _m_video_mae(1, depth=2, decoder_depth=1)
+        classifier = _m_classifier(2, depth=2, pos="1d")
+        for m in (teacher, classifier):
+            for t in m.parameters():
+                t.data.copy_(_m_rand(gen, *t.shape, scale=0.1, offset=1.0 if t.ndim == 1 else 0.0))
+        args = dict(model="vit_tiny", depth=2, num_frames=4, input_size=32, patch_size=8, pos_embed="1d")
+        for name, m in (("teacher", teacher), ("classifier", classifier)):
+            M.save_checkpoint(os.path.join(self.dir, f"{name}.pth"), model=m.state_dict(), args=args)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            config = self.tool.export(os.path.join(self.dir, "teacher.pth"), os.path.join(self.dir, "hf_teacher"))
+            cls_config = self.tool.export(os.path.join(self.dir, "classifier.pth"), os.path.join(self.dir, "hf_cls"))
+        self.assertIn("records no class names", printed.getvalue())
+        self.assertEqual({k: config[k] for k in ("architectures", "hidden_size", "num_hidden_layers", "layer_norm_eps",
+                                                 "use_mean_pooling", "image_size", "num_frames", "patch_size")},
+                         dict(architectures=["VideoMAEModel"], hidden_size=192, num_hidden_layers=2, layer_norm_eps=1e-6,
+                              use_mean_pooling=False, image_size=32, num_frames=4, patch_size=8))
+        self.assertEqual((cls_config["architectures"], cls_config["id2label"]["4"]),
+                         (["VideoMAEForVideoClassification"], "LABEL_4"))
+        # read back into our models: the same outputs
+        args = self.teacher_args(**{"--video_teacher": os.path.join(self.dir, "hf_teacher")})
+        with contextlib.redirect_stdout(io.StringIO()):
+            back = distill.build_teacher("video", args, "cpu", torch.float32)
+        back_cls = _m_classifier(3, depth=2, pos="1d")
+        with contextlib.redirect_stdout(io.StringIO()):
+            missing, unexpected = finetune.load_pretrained(back_cls, os.path.join(self.dir, "hf_cls"), "1d")
+        self.assertEqual((missing, unexpected), ([], []))
+        with torch.no_grad():
+            self.assertTrue(torch.equal(back.teacher_features(clip), teacher.teacher_features(clip)))
+            self.assertTrue(torch.equal(back_cls(clip), classifier(clip)))
+        # what transformers computes from the files: every tensor read (nothing missing or unexpected), equal outputs
+        sd = _Reads(M.read_safetensors(os.path.join(self.dir, "hf_teacher", "model.safetensors")))
+        ref = _hf_videomae_reference(sd, clip.transpose(1, 2), "", eps=1e-6)
+        ref = _m_layernorm(ref, sd["layernorm.weight"], sd["layernorm.bias"], 1e-6)  # use_mean_pooling false
+        self.assertEqual(sd.read, set(sd))
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.encoder.forward_features(clip), ref, atol=1e-4, rtol=1e-4)
+        sd = _Reads(M.read_safetensors(os.path.join(self.dir, "hf_cls", "model.safetensors")))
+        pooled = _hf_videomae_reference(sd, clip.transpose(1, 2), "videomae.", eps=1e-6).mean(1)
+        logits = _m_layernorm(pooled, sd["fc_norm.weight"], sd["fc_norm.bias"], 1e-5) @ sd["classifier.weight"].T
+        logits = logits + sd["classifier.bias"]  # transformers' fc_norm: eps 1e-5 whatever the config
+        self.assertEqual(sd.read, set(sd))
+        with torch.no_grad():
+            torch.testing.assert_close(classifier(clip), logits, atol=1e-4, rtol=1e-4)
+
+    def test_finetune_from_a_hub_videomae_takes_its_epsilon_and_table(self):
+        path = self.folder("vid", _hf_config("videomae"), self.videomae_sd(torch.Generator().manual_seed(5)))
+        c = _m_classifier(0, depth=2, pos="1d")
+        with contextlib.redirect_stdout(io.StringIO()):
+            missing, _ = finetune.load_pretrained(c, path, "1d")
+        self.assertEqual(sorted(missing), ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"])
+        self.assertEqual({b.norm1.eps for b in c.blocks} | {b.norm2.eps for b in c.blocks}, {1e-12})
+        with self.assertRaisesRegex(ValueError, "trained with --pos_embed 1d, this run has 3d: pass --pos_embed 1d"):
+            finetune.load_pretrained(_m_classifier(0, depth=2), path, "3d")
+
+    def assertOneLine(self, fn, *needles):
+        with self.assertRaises(ValueError) as cm, contextlib.redirect_stdout(io.StringIO()):
+            fn()
+        message = str(cm.exception)
+        self.assertNotIn("\n", message)
+        for needle in needles:
+            self.assertIn(needle, message)
+        return message
+
+    def test_what_we_cannot_build_or_export_is_refused_in_one_line(self):
+        sd = self.videomae_sd(torch.Generator().manual_seed(6))
+        for changes, needle in (({"intermediate_size": 576}, "intermediate_size 576 (ours: 4 x hidden_size)"),
+                                ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
+                                ({"tubelet_size": 4}, "tubelet_size 4 (ours: 2)"),
+                                ({"hidden_size": 200}, "hidden_size 200 with 3 heads"),
+                                ({"model_type": "vit"}, "model_type 'vit'")):
+            with self.subTest(changes=changes):
+                path = self.folder(f"bad_{list(changes)[0]}", _hf_config("videomae", **changes), sd)
+                self.assertOneLine(lambda: M.read_checkpoint(path), path, "cannot be built exactly here", needle)
+        path = self.folder("token0", _hf_config("videomae"), self.videomae_sd(torch.Generator(), classes=3))
+        self.assertOneLine(lambda: M.read_checkpoint(path), "use_mean_pooling false")
+        os.remove(os.path.join(path, "config.json"))
+        self.assertOneLine(lambda: M.read_checkpoint(os.path.join(path, "model.safetensors")), "config.json")
+        # 3D-table exports: an MVD student, a classifier fine-tuned with --pos_embed 3d; nothing is written
+        student, classifier = os.path.join(self.dir, "student.pth"), os.path.join(self.dir, "cls3d.pth")
+        M.save_checkpoint(student, model=_m_student(0).state_dict(), args={})
+        M.save_checkpoint(classifier, model=_m_classifier(0).state_dict(), args={"pos_embed": "3d"})
+        out = os.path.join(self.dir, "never")
+        self.assertOneLine(lambda: self.tool.export(student, out), "is no VideoMAE (an MVD student, whose table is 3D")
+        self.assertOneLine(lambda: self.tool.export(classifier, out), "uses the 3D sin-cos table", "nothing written")
+        self.assertFalse(os.path.exists(out))
+        run = subprocess.run([sys.executable, os.path.join(HERE, "tools", "export_hf.py"), classifier, out],
+                             capture_output=True, text=True)
+        self.assertEqual(run.returncode, 1)
+        self.assertEqual(len(run.stderr.strip().splitlines()), 1, run.stderr)
+        self.assertTrue(run.stderr.startswith("export_hf.py: error: cannot export"), run.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
