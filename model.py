@@ -458,8 +458,9 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         start = 8 + int.from_bytes(f.read(8), "little")
         header, data = json.loads(f.read(start - 8)), mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return {name: torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
-                                   offset=start + t["data_offsets"][0]).view(t["shape"])
+    return {name: (torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[t["dtype"]], count=math.prod(t["shape"]),
+                                    offset=start + t["data_offsets"][0]) if math.prod(t["shape"]) else  # frombuffer
+                   torch.empty(0, dtype=SAFETENSORS_DTYPES[t["dtype"]])).view(t["shape"])  # makes no empty tensor
             for name, t in header.items() if name != "__metadata__"}
 
 

@@ -925,8 +925,9 @@ def _hf_reference_layers(x, sd, prefix, depth, heads, eps):
 
 def _hf_videomae_reference(sd, clip, prefix, depth=2, heads=3, eps=1e-12, p=8):
     """VideoMAEModel's encoder on (B, T, C, H, W) frames: Conv3d tubes + the 1D sinusoid table + layers."""
-    x = F.conv3d(clip.permute(0, 2, 1, 3, 4), sd[prefix + "embeddings.patch_embeddings.projection.weight"],
-                 sd[prefix + "embeddings.patch_embeddings.projection.bias"], stride=(2, p, p)).flatten(2).transpose(1, 2)
+    conv = prefix + "embeddings.patch_embeddings.projection."
+    x = F.conv3d(clip.permute(0, 2, 1, 3, 4), sd[conv + "weight"], sd[conv + "bias"], stride=(2, p, p))
+    x = x.flatten(2).transpose(1, 2)  # (B, N, D)
     x = x + torch.as_tensor(_m_np_sinusoid_1d(x.shape[-1], x.shape[1]), dtype=torch.float32).to(x.dtype)  # float32
     return _hf_reference_layers(x, sd, prefix, depth, heads, eps)
 
@@ -973,7 +974,8 @@ class TestHubFolders(unittest.TestCase):
     def vit_mae_sd(self, gen, D=192, depth=2, p=8, qkv_bias=True):
         """ViTMAEForPreTraining: vit.* encoder with its stored 2D table, decoder.* with MAE's names."""
         sd = {"vit.embeddings.cls_token": _m_rand(gen, 1, 1, D, scale=0.5),
-              "vit.embeddings.position_embeddings": torch.cat([torch.zeros(1, D), _m_t(_m_np_sincos_2d(D, 4, 4))])[None],
+              "vit.embeddings.position_embeddings": torch.cat([torch.zeros(1, D),
+                                                               _m_t(_m_np_sincos_2d(D, 4, 4))])[None],
               "vit.embeddings.patch_embeddings.projection.weight": _m_rand(gen, D, 3, p, p),
               "vit.embeddings.patch_embeddings.projection.bias": _m_rand(gen, D, scale=0.1),
               **_hf_rand_layers(gen, "vit.", D, depth, videomae=False, qkv_bias=qkv_bias),
@@ -981,7 +983,8 @@ class TestHubFolders(unittest.TestCase):
               "decoder.decoder_embed.weight": _m_rand(gen, 64, D), "decoder.decoder_embed.bias": _m_rand(gen, 64),
               "decoder.mask_token": _m_rand(gen, 1, 1, 64),
               "decoder.decoder_pos_embed": torch.zeros(1, 17, 64),
-              "decoder.decoder_norm.weight": _m_rand(gen, 64, offset=1.0), "decoder.decoder_norm.bias": _m_rand(gen, 64),
+              "decoder.decoder_norm.weight": _m_rand(gen, 64, offset=1.0),
+              "decoder.decoder_norm.bias": _m_rand(gen, 64),
               "decoder.decoder_pred.weight": _m_rand(gen, p * p * 3, 64),
               "decoder.decoder_pred.bias": _m_rand(gen, p * p * 3)}
         return {**sd, **{k.replace("vit.encoder", "decoder.decoder_layers.X").replace("X.layer.", ""): v
@@ -996,7 +999,8 @@ class TestHubFolders(unittest.TestCase):
             sd.update({"fc_norm.weight": _m_rand(gen, D, offset=1.0), "fc_norm.bias": _m_rand(gen, D),
                        "classifier.weight": _m_rand(gen, classes, D), "classifier.bias": _m_rand(gen, classes)})
         else:
-            sd.update({prefix + "layernorm.weight": _m_rand(gen, D, offset=1.0), prefix + "layernorm.bias": _m_rand(gen, D)})
+            sd.update({prefix + "layernorm.weight": _m_rand(gen, D, offset=1.0),
+                       prefix + "layernorm.bias": _m_rand(gen, D)})
         return sd
 
     def test_safetensors_round_trip_of_dtypes_and_a_non_contiguous_tensor(self):
@@ -1004,7 +1008,8 @@ class TestHubFolders(unittest.TestCase):
         tensors = {"f32": torch.randn(3, 5, generator=gen), "bf16": torch.randn(7, generator=gen).bfloat16(),
                    "f16_odd": torch.randn(3, generator=gen).half(),  # 6 bytes: the next tensor starts unaligned
                    "i64": torch.arange(-4, 5).reshape(3, 3) * 2 ** 40, "transposed": torch.randn(4, 6, generator=gen).T,
-                   "scalar": torch.tensor(2.5, dtype=torch.float64), "flags": torch.tensor([True, False, True])}
+                   "scalar": torch.tensor(2.5, dtype=torch.float64), "flags": torch.tensor([True, False, True]),
+                   "empty": torch.zeros(0, 3, dtype=torch.int32)}
         self.assertFalse(tensors["transposed"].is_contiguous())
         path = os.path.join(self.dir, "t.safetensors")
         self.tool.write_safetensors(path, tensors)
@@ -1027,7 +1032,8 @@ class TestHubFolders(unittest.TestCase):
         self.assertEqual(back["i64"].data_ptr() - back["f32"].data_ptr(), header["i64"]["data_offsets"][0])
         # a file written by hand (numpy bytes, an unpadded header, __metadata__) reads the same
         hand = os.path.join(self.dir, "hand.safetensors")
-        h = json.dumps({"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        h = json.dumps({"__metadata__": {"format": "pt"},
+                        "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
                         "b": {"dtype": "I64", "shape": [1], "data_offsets": [16, 24]}}).encode()
         with open(hand, "wb") as f:
             f.write(struct.pack("<Q", len(h)) + h + np.array([[1, 2], [3, 4]], "<f4").tobytes()
@@ -1103,7 +1109,8 @@ class TestHubFolders(unittest.TestCase):
         args = self.teacher_args(**{"--image_teacher": self.folder("vit", _hf_config("vit_mae"), image_sd),
                                     "--video_teacher": self.folder("vid", _hf_config("videomae"), video_sd)})
         with contextlib.redirect_stdout(io.StringIO()):
-            image, video = (distill.build_teacher(kind, args, "cpu", torch.float32).double() for kind in ("image", "video"))
+            image, video = (distill.build_teacher(kind, args, "cpu", torch.float32).double()
+                            for kind in ("image", "video"))
         self.assertEqual(image.blocks[1].norm2.eps, 1e-12)  # the config's, not our 1e-6
         self.assertEqual(video.encoder.depth, 2)
         clip = _m_video(4).double()
@@ -1112,10 +1119,11 @@ class TestHubFolders(unittest.TestCase):
         image_sd, video_sd = ({k: v.double() for k, v in sd.items()} for sd in (image_sd, video_sd))
         for eps, close in ((1e-12, True), (1e-6, False)):  # equal to transformers' at its epsilon, not at ours
             # ViTMAEModel with noise = arange (no token shuffled) and mask_ratio 0: its stored table, cls token first
-            x = F.conv2d(clip[:, :, 0], image_sd["vit.embeddings.patch_embeddings.projection.weight"],
-                         image_sd["vit.embeddings.patch_embeddings.projection.bias"], stride=8).flatten(2).transpose(1, 2)
-            table = image_sd["vit.embeddings.position_embeddings"]
-            x = torch.cat([(image_sd["vit.embeddings.cls_token"] + table[:, :1]).expand(2, -1, -1), x + table[:, 1:]], 1)
+            conv = "vit.embeddings.patch_embeddings.projection."
+            x = F.conv2d(clip[:, :, 0], image_sd[conv + "weight"], image_sd[conv + "bias"], stride=8)
+            x, table = x.flatten(2).transpose(1, 2), image_sd["vit.embeddings.position_embeddings"]
+            cls = (image_sd["vit.embeddings.cls_token"] + table[:, :1]).expand(2, -1, -1)
+            x = torch.cat([cls, x + table[:, 1:]], 1)
             ref_image = _hf_reference_layers(x, image_sd, "vit.", 2, 3, eps)[:, 1:]
             ref_video = _hf_videomae_reference(video_sd, clip.transpose(1, 2), "videomae.", eps=eps)
             for got, ref in ((got_image, ref_image), (got_video, ref_video)):
@@ -1139,8 +1147,8 @@ class TestHubFolders(unittest.TestCase):
         self.assertIn("records no class names", printed.getvalue())
         self.assertEqual({k: config[k] for k in ("architectures", "hidden_size", "num_hidden_layers", "layer_norm_eps",
                                                  "use_mean_pooling", "image_size", "num_frames", "patch_size")},
-                         dict(architectures=["VideoMAEModel"], hidden_size=192, num_hidden_layers=2, layer_norm_eps=1e-6,
-                              use_mean_pooling=False, image_size=32, num_frames=4, patch_size=8))
+                         dict(architectures=["VideoMAEModel"], hidden_size=192, num_hidden_layers=2,
+                              layer_norm_eps=1e-6, use_mean_pooling=False, image_size=32, num_frames=4, patch_size=8))
         self.assertEqual((cls_config["architectures"], cls_config["id2label"]["4"]),
                          (["VideoMAEForVideoClassification"], "LABEL_4"))
         # read back into our models: the same outputs

@@ -80,8 +80,8 @@ def export(path, out_dir):
     classifier, video = "head.weight" in weights, "encoder.patch_embed.proj.weight" in weights
     pos = saved.get("pos_embed", "3d" if classifier else "1d")  # finetune.py records it; an official VideoMAE: 1d
     if not (classifier or video) or pos != "1d":
-        what = (f"uses the {pos.upper()} sin-cos table (MVD's student and its classifiers; a classifier that records no "
-                "--pos_embed 1d counts as one)" if classifier or video else "is no VideoMAE (an MVD student, whose "
+        what = (f"uses the {pos.upper()} sin-cos table (MVD's student and its classifiers; a classifier that records "
+                "no --pos_embed 1d counts as one)" if classifier or video else "is no VideoMAE (an MVD student, whose "
                 "table is 3D, or an image MAE)")
         raise ValueError(f"cannot export {path}: it {what}; transformers' VideoMAE classes build only VideoMAE's 1D "
                          "table, so their outputs would differ from ours: nothing written")
