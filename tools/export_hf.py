@@ -1,7 +1,7 @@
 """Export a VideoMAE teacher trained here, or a classifier fine-tuned with --pos_embed 1d, as a transformers folder:
 
     python tools/export_hf.py output/video_mae/checkpoint-last.pth videomae-teacher/
-    python tools/export_hf.py output/finetune/checkpoint-best.pth videomae-classifier/
+    python tools/export_hf.py output/finetune/checkpoint-last.pth videomae-classifier/   # fine-tuned with --pos_embed 1d
 
 writes OUT_DIR/config.json and OUT_DIR/model.safetensors (torch alone, no transformers needed). The teacher becomes a
 `VideoMAEModel` (encoder and final norm; the pixel decoder stays behind: `VideoMAEForPreTraining`'s decoder norm has a
