@@ -498,8 +498,7 @@ def read_hub_folder(path):
     differs = [text for bad, text in [
         (c.get("model_type") not in HUB_DECODER, f"model_type {c.get('model_type')!r} (ViTMAE and VideoMAE are read)"),
         (not size, f"hidden_size {c['hidden_size']} with {c['num_attention_heads']} heads (not in VIT_SIZES)"),
-        (c["intermediate_size"] != 4 * c["hidden_size"], f"intermediate_size {c['intermediate_size']} (ours: 4 x "
-                                                          f"hidden_size)"),
+        (c["intermediate_size"] != 4 * c["hidden_size"], f"intermediate_size {c['intermediate_size']} (ours: 4x)"),
         (c["hidden_act"] != "gelu", f"hidden_act {c['hidden_act']!r} (ours: the exact 'gelu')"),
         (c["tubelet_size"] != 2, f"tubelet_size {c['tubelet_size']} (ours: 2)"),
         (c["num_channels"] != 3, f"num_channels {c['num_channels']} (ours: 3)"),

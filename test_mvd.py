@@ -1198,7 +1198,7 @@ class TestHubFolders(unittest.TestCase):
 
     def test_what_we_cannot_build_or_export_is_refused_in_one_line(self):
         sd = self.videomae_sd(torch.Generator().manual_seed(6))
-        for changes, needle in (({"intermediate_size": 576}, "intermediate_size 576 (ours: 4 x hidden_size)"),
+        for changes, needle in (({"intermediate_size": 576}, "intermediate_size 576 (ours: 4x)"),
                                 ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
                                 ({"tubelet_size": 4}, "tubelet_size 4 (ours: 2)"),
                                 ({"hidden_size": 200}, "hidden_size 200 with 3 heads"),
