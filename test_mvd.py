@@ -3423,7 +3423,8 @@ def read_doc(name):
 
 
 def help_text(script):
-    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__."""
+    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__,
+    tools/visualize.py takes its own flags and then the stage's (their help is the stage's)."""
     if script in STAGES:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # argparse's --help exits
@@ -3496,6 +3497,13 @@ class TestDocs(unittest.TestCase):
                             STAGES[script].get_args(args)
                         except SystemExit:
                             wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
+                elif script == "tools/visualize.py":  # its own flags, then the stage's, parsed by the stage
+                    err = io.StringIO()
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                        try:
+                            tools_visualize.get_args(args)
+                        except SystemExit:
+                            wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
                 elif script == "data.py":
                     wrong += [f"{where}: no {flag}" for flag in (a.split("=")[0] for a in args if a.startswith("--"))
                               if not re.search(rf"(?<![\w-]){flag}(?![\w-])", data_help)]
@@ -3504,12 +3512,13 @@ class TestDocs(unittest.TestCase):
                               if not hasattr(sys.modules[__name__], test.split(".")[0])]
         self.assertEqual(wrong, [])
         self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", "data.py", "test_mvd.py",
-                              "experiments/coteaching.sh", "experiments/report.py"}, seen)
+                              "experiments/coteaching.sh", "experiments/report.py", "tools/visualize.py"}, seen)
 
     def test_flags_and_code_names_exist(self):
         """Every --flag the docs name is a flag of a stage, of data.py or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
-        known = "".join(help_text(script) for script in [*STAGES, "data.py"]) + " --nproc_per_node --max-restarts"
+        known = "".join(help_text(script) for script in [*STAGES, "data.py", "tools/visualize.py"])
+        known += " --nproc_per_node --max-restarts"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
         for name in MARKDOWN:
