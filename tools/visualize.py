@@ -3,7 +3,7 @@
 For each of the list's first N videos a PNG in OUTPUT_DIR/visualize/, from the stage's checkpoint (--resume, else
 OUTPUT_DIR/checkpoint-last.pth; finetune.py: --finetune first). It never trains and never writes a checkpoint. The
 stage's flags mean what they mean to the stage (its own get_args parses them: python STAGE.py --help), and the models
-are built by the stage's own classes and functions, so a picture shows exactly the model that the stage trained.
+are built as the stage builds them (its model classes, distill.build_teacher, finetune.load_pretrained).
 
     pretrain_mae.py  every 2nd frame of the clip, the same frames with the hidden patches grey, the reconstruction
     distill.py       the visible tubes; for each teacher its features, the student's predictions, their cosine
