@@ -671,53 +671,6 @@ def use_synthetic_set(args, list_name):
     args.data_path, args.data_root = os.path.join(args.synthetic_root, list_name), args.synthetic_root
 
 
-# ------------------------------------------------------------------------------------------------------- pictures
-def first_clips(list_path, data_root, n, num_frames, sampling_rate, input_size, sampling="dense"):
-    """The list's first n videos as the centred test view of each: what --visualize shows, the same frames in every
-    stage's pictures. -> (paths, clips (n, 3, T, S, S))."""
-    dataset = VideoDataset(list_path, data_root, mode="test", num_frames=num_frames, sampling_rate=sampling_rate,
-                           sampling=sampling, input_size=input_size, short_side_size=input_size, test_num_segment=1,
-                           test_num_crop=1)
-    n = min(n, len(dataset))
-    return [path for path, _ in dataset.items[:n]], torch.stack([dataset[(i, 0)]["video"] for i in range(n)])
-
-
-# Capitals, digits and a few signs, 3x5 pixels each: 5 rows of 3 bits, one octal digit per row (4 = left column).
-FONT = {g[0]: g[1:] for g in """A25755 B65656 C34443 D65556 E74647 F74644 G34553 H55755 I72227 J11152 K55655 L44447
-    M57755 N65555 O25552 P65644 Q25563 R65655 S34216 T72222 U55557 V55552 W55775 X55255 Y55222 Z71247 075557 126227
-    261247 361216 455711 574616 634757 771222 875757 975716 .00002 ,00024 -00700 _00007 :02020 %51245 (12221 )42224
-    /11244 =07070 +02720""".split()}
-
-
-def write_pictures(output_dir, videos, pictures, input_size):
-    """--visualize's PNGs, OUTPUT_DIR/visualize/{i}_{video name}.png, one per video: pictures[i] = [(label, images
-    float (K, 3, S, S) in 0-1)], a row each. A row is its label (FONT at twice its size, 14 px) over its K images side
-    by side, enlarged by scale = max(1, 128 // input_size) (nearest: patches stay sharp), on white with 2 px gaps: the
-    PNG is (3, sum(14 + S*scale) + 2, max K*(S*scale + 2) + 2), by torchvision's encoder. -> [dict(png, rows)]."""
-    written, scale = [], max(1, 128 // input_size)
-    for i, (video, rows) in enumerate(zip(videos, pictures)):
-        strips = []
-        for label, images in rows:
-            images = images.float().clamp(0, 1).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-            K, _, h, w = images.shape
-            strip = F.pad(images, (2, 0, 14, 0), value=1.0)  # (K, 3, 14 + h, 2 + w): label space, gap on the left
-            strip = strip.permute(1, 2, 0, 3).reshape(3, h + 14, K * (w + 2))  # the K images side by side
-            glyphs = torch.tensor([[int(FONT.get(c, "00000")[r]) for c in label.upper()] for r in range(5)])
-            text = F.pad(glyphs[..., None] >> torch.tensor([2, 1, 0]) & 1, (0, 1)).flatten(1)  # (5, 4 * letters)
-            text = text.repeat_interleave(2, 0).repeat_interleave(2, 1)[:, :K * (w + 2) - 2]
-            strip[:, 2:12, 2:2 + text.shape[1]] = 1.0 - text  # black letters, left column of a glyph first
-            strips.append(strip)
-        width = max(strip.shape[2] for strip in strips) + 2
-        picture = torch.cat([F.pad(strip, (0, width - strip.shape[2]), value=1.0) for strip in strips]
-                            + [torch.ones(3, 2, width)], dim=1)
-        png = os.path.join(output_dir, "visualize", f"{i:02d}_{os.path.splitext(os.path.basename(video))[0]}.png")
-        os.makedirs(os.path.dirname(png), exist_ok=True)
-        torchvision.io.write_png((picture * 255).round().to(torch.uint8), png)
-        print(f"wrote {png}")
-        written.append(dict(png=png, rows=rows))
-    return written
-
-
 # ------------------------------------------------------------------------------------------ preparing a data set
 # x264 settings of prepared copies, each measured on the reader (docs/speed.md): the fast-decode tune (CAVLC instead of
 # CABAC, no deblocking filter) decodes 2-3x faster for ~15% more bytes; 3 B-frames between P-frames always (b-adapt=0),

@@ -11,7 +11,6 @@ frame) carries spatial knowledge, the video teacher (a VideoMAE) temporal knowle
     torchrun distill.py --model vit_base     # no --data_path: a demo on the synthetic set, minutes on a CPU
 """
 import argparse
-import functools
 import json
 import os
 import sys
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
                    add_training_flags, bench_steps, check_trained_with, clips_per_video, fill_defaults, load_checkpoint,
-                   paint_tokens, param_groups, pca_colours, read_checkpoint, resume, save_checkpoint, saved_args,
-                   setup_distributed, to_pixels, train_one_epoch, trained_checkpoint, training_step)
+                   param_groups, read_checkpoint, resume, save_checkpoint, saved_args, setup_distributed,
+                   train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -115,7 +114,6 @@ def mvd_loss(pred, feats, mask, loss_func):
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args)
-    checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before the teachers are built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     # 2. Teachers (frozen, only those with a loss weight) and the student
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
@@ -142,8 +140,6 @@ def main(args):
     # 3. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
-    if args.visualize:
-        return visualize(args, env, raw, teachers, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
@@ -172,44 +168,6 @@ def main(args):
     if env.is_main:
         print(f"done: student checkpoint in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw
-
-
-@torch.inference_mode()
-def visualize(args, env, student, teachers, checkpoint):
-    """--visualize N: for each of the list's first N videos a PNG (data.write_pictures) of every 2nd frame, the visible
-    tubes, then for each teacher its features on the whole clip, the student's predictions at the masked tubes (the
-    teacher's own features at the visible ones) and the cosine of prediction and target per tube. Features are drawn
-    as colours: the top 3 principal components of the teacher's tokens on these N videos, one basis per teacher."""
-    load_checkpoint(student, checkpoint)
-    paths, video = data.first_clips(args.data_path, args.data_root, args.visualize, args.num_frames,
-                                    args.sampling_rate, args.input_size)  # (n, 3, T, S, S)
-    mask = torch.stack([data.tube_mask(student.grid, args.mask_ratio, torch.Generator().manual_seed(args.seed + i))
-                        for i in range(len(paths))])  # (n, N): the masks of pretrain_mae.py --visualize for VideoMAE
-    video = video.to(env.device)
-    teacher_video = video if args.teacher_input_size == args.input_size else F.interpolate(
-        video, size=(args.num_frames, args.teacher_input_size, args.teacher_input_size), mode="trilinear")
-    with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
-        preds = dict(zip(("img", "vid"), student.eval()(video, mask.to(env.device))))
-        feats = {name: teacher_features(t, teacher_video, args.norm_feature) for name, t in teachers.items()}
-    paint = functools.partial(paint_tokens, grid=student.grid, p=student.patch_size, tubelet=student.tubelet_size)
-    frames = to_pixels(video)[:, :, ::2].transpose(1, 2).cpu()  # (n, T/2, 3, S, S)
-    pictures = [[(f"{os.path.basename(path)}: EVERY 2ND FRAME", frames[i]),
-                 (f"THE STUDENT SEES {int((~mask[i]).sum())} OF {mask.shape[1]} TUBES (THE REST GREY)",
-                  torch.where(paint(mask[..., None])[i], 0.5, frames[i]))] for i, path in enumerate(paths)]
-    for name, feat in feats.items():
-        feat, pred = feat.float().cpu(), preds[name].float().cpu()  # (n, N, D), (n, N_mask, D)
-        colours = pca_colours(feat.flatten(0, 1))  # fitted on every token of the teacher on these videos
-        recovered = feat.clone()
-        recovered[mask] = pred.flatten(0, 1)  # the student's predictions where it saw nothing
-        cosine = F.cosine_similarity(pred, feat[mask].view(pred.shape), dim=-1)  # (n, N_mask)
-        heat = torch.full((*mask.shape, 3), 0.5)  # visible tubes grey; black (cosine <= 0) -> red -> yellow (1)
-        heat[mask] = (cosine.flatten()[:, None] * 2 - torch.tensor([0.0, 1.0, 2.0])).clamp(0, 1)
-        maps = [paint(colours(feat)), paint(colours(recovered)), paint(heat)]
-        for i, rows in enumerate(pictures):
-            rows += [(f"{dict(img='IMAGE', vid='VIDEO')[name]} TEACHER: FEATURES OF THE WHOLE CLIP, PCA", maps[0][i]),
-                     ("STUDENT: PREDICTIONS AT THE MASKED TUBES, SAME PCA", maps[1][i]),
-                     (f"COSINE OF PREDICTION AND TARGET: MEAN {cosine[i].mean():.2f} (0 BLACK, 1 YELLOW)", maps[2][i])]
-    return data.write_pictures(args.output_dir, paths, pictures, args.input_size)
 
 
 def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import data
 from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, check_trained_with, fill_defaults,
-                   load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume, saved_args,
-                   setup_distributed, to_pixels, train_one_epoch, training_step)
+                   load_checkpoint, param_groups, read_checkpoint, resume, saved_args, setup_distributed,
+                   train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -151,7 +151,7 @@ def main(args):
     env = setup_distributed(args)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     run_state = args.resume or (last if args.auto_resume and os.path.exists(last) else "")
-    weights_only = args.eval or args.extract_features or args.visualize  # from --finetune, else --resume, else last
+    weights_only = args.eval or args.extract_features  # from --finetune, else --resume, else last
     if weights_only and not (args.finetune or run_state):
         raise ValueError("nothing to evaluate or show: give --finetune PATH or --resume PATH (or train first)")
     # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
@@ -164,7 +164,7 @@ def main(args):
                   max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
     if args.bench:
         lists = {}
-    elif args.extract_features or args.visualize:
+    elif args.extract_features:
         lists = {"features": os.path.join(args.data_path, "val.csv") if os.path.isdir(args.data_path) else args.data_path}
     else:
         lists = {split: os.path.join(args.data_path, f"{split}.csv") for split in ("train", "val", "test")}
@@ -219,8 +219,6 @@ def main(args):
     else:
         print("no --finetune: training from a random initialisation (a baseline; the student is "
               "--finetune output/distill/checkpoint-last.pth)")
-    if args.visualize:
-        return visualize(args, env, raw, lists["features"], args.finetune or run_state, segment)
     if args.extract_features:
         feats, counts = average_views(raw.eval().features, loaders["features"], env, len(sets["features"].items),
                                       raw.dim)
@@ -275,22 +273,6 @@ def main(args):
     if env.is_main:
         print(f"done: classifier weights in {last}")
     return raw
-
-
-@torch.no_grad()
-def visualize(args, env, model, list_path, weights, segment):
-    """--visualize N: for each of the list's first N videos a PNG (data.write_pictures) of every 2nd frame and the
-    encoder's token features (its last block, before pooling) as colours: the top 3 principal components of its tokens
-    on these N videos. Run it for two encoders on the same list to compare them."""
-    paths, video = data.first_clips(list_path, args.data_root, args.visualize, args.num_frames, args.sampling_rate,
-                                    args.input_size, "segment" if segment else "dense")
-    tokens = model.eval().forward_features(video.to(env.device)).float().cpu()  # (n, N, D)
-    maps = paint_tokens(pca_colours(tokens.flatten(0, 1))(tokens), model.grid, model.patch_size, model.tubelet_size)
-    frames = to_pixels(video)[:, :, ::2].transpose(1, 2)  # (n, T/2, 3, S, S)
-    pictures = [[(f"{os.path.basename(path)}: EVERY 2ND FRAME", frames[i]),
-                 (f"ENCODER OF {'/'.join(weights.split(os.sep)[-2:])}: TOKENS, PCA", maps[i])]
-                for i, path in enumerate(paths)]
-    return data.write_pictures(args.output_dir, paths, pictures, args.input_size)
 
 
 def bench(args, env, model, loss_fn, nb_classes):

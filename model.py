@@ -381,17 +381,8 @@ def patchify(x, p, tubelet=1):
     return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
 
 
-def unpatchify(x, grid, p, tubelet=1):
-    """The inverse of patchify: (B, N, tubelet*p*p*C) on the token grid (t, h, w) -> (B, C, t*tubelet, h*p, w*p)."""
-    (t, h, w), B = grid, x.shape[0]
-    x = x.reshape(B, t, h, w, tubelet, p, p, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, tubelet, h, p, w, p)
-    return x.reshape(B, -1, t * tubelet, h * p, w * p)
 
 
-def paint_tokens(values, grid, p, tubelet):
-    """For pictures: (B, N, C) one value per token -> (B, t, C, h*p, w*p), each token's values over its patch, one
-    picture per time step (tubes span `tubelet` frames: it is drawn on the first)."""
-    return unpatchify(values.repeat(1, 1, tubelet * p * p), grid, p, tubelet)[:, :, ::tubelet].transpose(1, 2)
 
 
 def to_pixels(x):
@@ -417,14 +408,6 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     return x.flatten(2)
 
 
-def pca_colours(tokens):
-    """A colour map fitted on feature tokens (M, D), for pictures: centre them, project on their top 3 principal
-    directions (right singular vectors) and map each component's +-2 std to 0-1. Returns the map (..., D) -> (..., 3),
-    one fixed basis and scaling, so that a teacher's features and a student's predictions share the colours."""
-    mean = tokens.mean(0)
-    _, s, vh = torch.linalg.svd(tokens - mean, full_matrices=False)  # tokens - mean = U diag(s) Vh
-    four_std = (4 * s[:3] / (len(tokens) - 1) ** 0.5).clamp_min(1e-12)  # a component's std is s / sqrt(M - 1)
-    return lambda x: (0.5 + (x - mean) @ vh[:3].T / four_std).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------- Checkpoints
@@ -558,13 +541,6 @@ def check_trained_with(what, recorded, key, value, default, flag=None):
                          f"{trained}")
 
 
-def trained_checkpoint(args):
-    """The checkpoint --visualize shows: --resume, else OUTPUT_DIR/checkpoint-last.pth; one clear error without one."""
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")
-    if not os.path.exists(path):
-        raise ValueError(f"--visualize shows a trained model, but {path} does not exist: train this stage first (the "
-                         "same --output_dir) or give --resume PATH")
-    return path
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
@@ -968,9 +944,6 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
                    "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (README), under 1%% of 15 minutes")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
-    p.add_argument("--visualize", type=int, default=0, metavar="N",
-                   help="write a PNG for each of the list's first N videos into OUTPUT_DIR/visualize from a trained "
-                        "checkpoint (what the model sees and predicts) and exit; never trains")
 
 
 def fill_defaults(p, args, *tables):

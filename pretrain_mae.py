@@ -8,7 +8,6 @@
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -16,9 +15,8 @@ import torch
 
 import data
 from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify,
-                   read_checkpoint, resume, saved_args, setup_distributed, to_pixels, train_one_epoch,
-                   trained_checkpoint, training_step, unpatchify)
+                   check_trained_with, clips_per_video, fill_defaults, param_groups, read_checkpoint, resume,
+                   saved_args, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -55,12 +53,11 @@ def get_args(argv=None):
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args)
-    checkpoint = trained_checkpoint(args) if args.visualize else None  # fails before anything is built
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     video = args.mode == "video"
     # 2. Model (a VideoMAE keeps the position table it was trained with: resuming or showing it with another is an error)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    previous = checkpoint or args.resume or (last if args.auto_resume else None)
+    previous = args.resume or (last if args.auto_resume else None)
     if video and previous and os.path.exists(previous):
         check_trained_with(previous, saved_args(read_checkpoint(previous)), "pos_embed", args.pos_embed, "1d")
     if video:
@@ -77,8 +74,6 @@ def main(args):
     # 3. Data: clips with a tube mask, or single frames / images with a random mask
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
-    if args.visualize:
-        return visualize(args, env, raw, checkpoint)
     os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
                   num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
@@ -112,50 +107,6 @@ def main(args):
     if env.is_main:
         print(f"done: teacher weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw
-
-
-@torch.no_grad()
-def visualize(args, env, model, checkpoint):
-    """--visualize N: for each of the list's first N videos a PNG (data.write_pictures) of every 2nd frame of the clip,
-    the same frames with the hidden patches grey, and the teacher's reconstruction with the visible patches kept."""
-    load_checkpoint(model, checkpoint)
-    if os.path.isdir(args.data_path):
-        raise ValueError("--visualize shows clips: give a video list as --data_path, not an image folder")
-    paths, clips = data.first_clips(args.data_path, args.data_root, args.visualize, args.num_frames,
-                                    args.sampling_rate, args.input_size)
-    video, p, pictures = args.mode == "video", args.patch_size, []
-    for i, clip in enumerate(clips.to(env.device)):
-        generator = torch.Generator().manual_seed(args.seed + i)  # a fixed mask per video
-        if video:  # one mask of --mask_type over the tubes; VideoMAE predicts the masked tubes
-            shown, tubelet, grid = clip[None], 2, model.encoder.grid  # (1, 3, T, S, S)
-            mask = data.tube_mask(data.mask_grid(grid, args.mask_type), args.mask_ratio, generator)[None].to(env.device)
-            loss, pred = model.eval()(shown, mask)  # pred (1, N_mask, 2*p*p*3)
-        else:  # the image MAE on frames 0, 2, 4, ... (those it teaches from), each with its own random mask
-            shown, tubelet, grid = clip[None, :, ::2], 1, (args.num_frames // 2, *model.grid)  # (1, 3, T/2, S, S)
-            mask = torch.stack([data.random_mask(math.prod(model.grid), args.mask_ratio, generator)
-                                for _ in range(grid[0])]).to(env.device)  # (T/2, L)
-            loss, pred, _ = model.eval()(shown[0].transpose(0, 1), mask=mask)  # pred (T/2, L, p*p*3), every patch
-            pred, mask = pred[mask][None], mask.reshape(1, -1)  # the masked patches in token order; (1, N)
-        x = patchify(to_pixels(shown) if video else shown, p, tubelet)  # what the targets were made of: (1, N, ...)
-        if not video or model.normalize_target:
-            # Normalized targets lost each patch's brightness and contrast: de-normalize every prediction with its own
-            # patch's mean and std, as MAE's and VideoMAE's visualizations do (MAE: over all p*p*3 values, in
-            # ImageNet-normalized space; VideoMAE: per channel over the tube, in 0-1 pixels).
-            v = x[mask].view(pred.shape[1], -1, 3 if video else 1)  # (N_mask, values, channels)
-            std = v.std(1, keepdim=True) + 1e-6 if video else (v.var(1, keepdim=True) + 1e-6).sqrt()
-            pred = pred.view(v.shape) * std + v.mean(1, keepdim=True)
-        x[mask] = pred.reshape(-1, x.shape[-1]).float()  # the reconstruction: predicted where masked, else the input
-        reconstruction = unpatchify(x, grid, p, tubelet)
-        frames = to_pixels(shown)  # (1, 3, T or T/2, S, S)
-        hidden = unpatchify(mask[..., None].repeat(1, 1, tubelet * p * p), grid, p, tubelet)  # (1, 1, ...) True: masked
-        panels = [frames, torch.where(hidden, 0.5, frames), reconstruction if video else to_pixels(reconstruction)]
-        what = ("PATCHES (AT RANDOM IN EACH FRAME)" if not video else "TUBES (THE SAME CELLS AT EVERY STEP)"
-                if args.mask_type == "tube" else "TUBES (ANYWHERE IN SPACE AND TIME)")
-        labels = [f"{args.mode} MAE ON {os.path.basename(paths[i])}: EVERY 2ND FRAME",
-                  f"MASKED: {int(mask.sum())} OF {mask.shape[1]} {what}",
-                  f"RECONSTRUCTED, VISIBLE PATCHES KEPT (LOSS {loss.item():.3f})"]
-        pictures.append([(label, panel[0, :, ::tubelet].transpose(0, 1).cpu()) for label, panel in zip(labels, panels)])
-    return data.write_pictures(args.output_dir, paths, pictures, args.input_size)
 
 
 def bench(args, env, model):

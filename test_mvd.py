@@ -3589,10 +3589,11 @@ class TestPatchSize(unittest.TestCase):
         self.assertEqual(load(path)["args"]["pos_embed"], "3d")
         video = {**self.common, "--mode": "video", "--mask_type": "random", "--data_path": self.list_path,
                  "--data_root": self.root, "--output_dir": os.path.join(self.tmp, "video")}
-        for extra in ({"--epochs": 2}, {"--visualize": 1}):  # resuming it, showing it: the table it learnt or an error
+        for run in (lambda: run_stage(pretrain_mae, {**video, "--epochs": 2}),  # resuming it, showing it: the table
+                    lambda: run_visualize("pretrain_mae.py", {**video, "--visualize": 1})):  # it learnt or an error
             with self.assertRaisesRegex(ValueError, "trained with --pos_embed 3d, this run has 1d: pass --pos_embed 3d"):
-                run_stage(pretrain_mae, {**video, **extra})
-        pictures, _ = run_stage(pretrain_mae, {**video, "--pos_embed": "3d", "--visualize": 1})
+                run()
+        pictures, _ = run_visualize("pretrain_mae.py", {**video, "--pos_embed": "3d", "--visualize": 1})
         self.assertEqual(len(pictures), 1)
         args = distill.get_args(flags(self.distill_options()))
         with contextlib.redirect_stdout(io.StringIO()):
@@ -3785,7 +3786,8 @@ def read_doc(name):
 
 
 def help_text(script):
-    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__."""
+    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__,
+    tools/visualize.py takes its own flags and then the stage's (their help is the stage's)."""
     if script in STAGES:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # argparse's --help exits
@@ -3858,6 +3860,13 @@ class TestDocs(unittest.TestCase):
                             STAGES[script].get_args(args)
                         except SystemExit:
                             wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
+                elif script == "tools/visualize.py":  # its own flags, then the stage's, parsed by the stage
+                    err = io.StringIO()
+                    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                        try:
+                            tools_visualize.get_args(args)
+                        except SystemExit:
+                            wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
                 elif script == "data.py":
                     wrong += [f"{where}: no {flag}" for flag in (a.split("=")[0] for a in args if a.startswith("--"))
                               if not re.search(rf"(?<![\w-]){flag}(?![\w-])", data_help)]
@@ -3866,12 +3875,13 @@ class TestDocs(unittest.TestCase):
                               if not hasattr(sys.modules[__name__], test.split(".")[0])]
         self.assertEqual(wrong, [])
         self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", "data.py", "test_mvd.py",
-                              "experiments/coteaching.sh", "experiments/report.py"}, seen)
+                              "experiments/coteaching.sh", "experiments/report.py", "tools/visualize.py"}, seen)
 
     def test_flags_and_code_names_exist(self):
         """Every --flag the docs name is a flag of a stage, of data.py or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
-        known = "".join(help_text(script) for script in [*STAGES, "data.py"]) + " --nproc_per_node --max-restarts"
+        known = "".join(help_text(script) for script in [*STAGES, "data.py", "tools/visualize.py"])
+        known += " --nproc_per_node --max-restarts"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
         for name in MARKDOWN:
@@ -3990,6 +4000,17 @@ class TestCuda(unittest.TestCase):
 
 
 # ========================================================================================================== visualize
+sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
+import visualize as tools_visualize  # noqa: E402
+
+
+def run_visualize(script, options):
+    """python tools/visualize.py SCRIPT OPTIONS in this process, its stdout captured. -> (pictures, printed text)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pictures = tools_visualize.main(*tools_visualize.get_args([script, *flags(options)]))
+    return pictures, out.getvalue()
+
 
 def read_png(path):
     from torchvision.io import decode_png, read_file
@@ -4007,13 +4028,14 @@ def masked_pixels(mask, grid, p):
 
 
 def picture_size(rows, scale):
-    """(H, W) of data.write_pictures' layout: a 14 px label over each row, 2 px gaps and margins."""
+    """(H, W) of tools/visualize.py write_pictures' layout: a 14 px label over each row, 2 px gaps and margins."""
     height = sum(14 + images.shape[-2] * scale for _, images in rows) + 2
     return height, max(len(images) * (images.shape[-1] * scale + 2) for _, images in rows) + 2
 
 
 class TestVisualize(unittest.TestCase):
-    """--visualize (issue 14): masks, reconstructions and feature maps as PNGs, from checkpoints, never training."""
+    """tools/visualize.py STAGE.py --visualize N (issues 14, 30): masks, reconstructions and feature maps as PNGs, from
+    checkpoints, never training."""
 
     @classmethod
     def setUpClass(cls):
@@ -4070,9 +4092,9 @@ class TestVisualize(unittest.TestCase):
         x = torch.randn(2, 3, 4, 8, 12)
         for p, tubelet in ((4, 2), (2, 1)):
             grid = (4 // tubelet, 8 // p, 12 // p)
-            self.assertTrue(torch.equal(M.unpatchify(M.patchify(x, p, tubelet), grid, p, tubelet), x))
+            self.assertTrue(torch.equal(tools_visualize.unpatchify(M.patchify(x, p, tubelet), grid, p, tubelet), x))
         values = torch.randn(2, 2 * 2 * 3, 3)  # one colour per token of a (2, 2, 3) grid, p = 4
-        painted = M.paint_tokens(values, (2, 2, 3), 4, 2)  # (B, t, 3, 8, 12)
+        painted = tools_visualize.paint_tokens(values, (2, 2, 3), 4, 2)  # (B, t, 3, 8, 12)
         self.assertEqual(tuple(painted.shape), (2, 2, 3, 8, 12))
         for n, (t, r, c) in enumerate(itertools.product(range(2), range(2), range(3))):
             patch = painted[1, t, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
@@ -4083,7 +4105,7 @@ class TestVisualize(unittest.TestCase):
         tokens = torch.randn(60, 8, generator=g) * torch.tensor([5.0, 3, 2, 1, 0.5, 0.3, 0.2, 0.1]) + 2
         tokens = tokens @ torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # principal axes not the coordinate axes
         others = torch.randn(7, 8, generator=g) * 3  # e.g. a student's predictions, mapped with the same basis
-        colour = M.pca_colours(tokens)
+        colour = tools_visualize.pca_colours(tokens)
         x = tokens.double().numpy()
         centre = x.mean(0)
         _, s, vt = np.linalg.svd(x - centre)
@@ -4101,7 +4123,7 @@ class TestVisualize(unittest.TestCase):
         rows = [("A1", torch.rand(3, 3, 5, 7, generator=g)), ("row two", torch.rand(2, 3, 4, 4, generator=g))]
         folder = os.path.join(self.tmp, "picture")
         with contextlib.redirect_stdout(io.StringIO()):
-            (written,) = data.write_pictures(folder, ["videos/clip.mp4"], [rows], input_size=40)  # enlarged 3 times
+            (written,) = tools_visualize.write_pictures(folder, ["videos/clip.mp4"], [rows], input_size=40)  # enlarged 3 times
         self.assertEqual(written["png"], os.path.join(folder, "visualize", "00_clip.png"))
         png = read_png(written["png"])
         self.assertEqual(tuple(png.shape), (3, *picture_size(rows, 3)))
@@ -4117,7 +4139,7 @@ class TestVisualize(unittest.TestCase):
 
     def test_teacher_masks_are_grey_exactly_at_the_masked_patches(self):
         for mode in ("video", "image"):
-            pictures, _ = run_stage(pretrain_mae, self.teacher_options(mode))
+            pictures, _ = run_visualize("pretrain_mae.py", self.teacher_options(mode))
             self.assertEqual(len(pictures), 2)
             for i, picture in enumerate(pictures):
                 (_, frames), (_, masked), (_, reconstruction) = picture["rows"]
@@ -4151,15 +4173,15 @@ class TestVisualize(unittest.TestCase):
             oracle = video_oracle if mode == "video" else image_oracle
             with mock.patch.object(M.VideoMAE if mode == "video" else M.ImageMAE, "forward", oracle):
                 switch = {"normlize_target" if normalize else "no-normlize_target": None}
-                pictures, _ = run_stage(pretrain_mae, self.teacher_options(mode, **switch))
+                pictures, _ = run_visualize("pretrain_mae.py", self.teacher_options(mode, **switch))
             for picture in pictures:
                 (_, frames), _, (_, reconstruction) = picture["rows"]
                 self.assertLess((reconstruction - frames).abs().max(), 1e-4, (mode, normalize))
         with self.assertRaisesRegex(ValueError, "video list"):  # an image folder holds no clips to show
-            run_stage(pretrain_mae, self.teacher_options("image", data_path=self.root))
+            run_visualize("pretrain_mae.py", self.teacher_options("image", data_path=self.root))
 
     def test_student_maps_share_the_teacher_colours(self):
-        pictures, _ = run_stage(distill, self.student_options())
+        pictures, _ = run_visualize("distill.py", self.student_options())
         for picture in pictures:
             labels = [label for label, _ in picture["rows"]]
             self.assertEqual(len(labels), 8)
@@ -4179,7 +4201,7 @@ class TestVisualize(unittest.TestCase):
                 self.assertTrue(torch.all(heat[:, 2][~visible[:, 0]] == 0))  # the colour ramp has no blue
             self.assert_png_shows(picture)
 
-        args = distill.get_args(flags(self.student_options()))
+        _, args = tools_visualize.get_args(["distill.py", *flags(self.student_options())])
         with contextlib.redirect_stdout(io.StringIO()):
             teachers = {name: distill.build_teacher(kind, args, "cpu", torch.float32)
                         for name, kind in (("img", "image"), ("vid", "video"))}
@@ -4189,7 +4211,7 @@ class TestVisualize(unittest.TestCase):
             return tuple(feats[n][mask].reshape(len(video), -1, 192) for n in ("img", "vid"))
 
         with mock.patch.object(M.MVDStudent, "forward", oracle):
-            pictures, _ = run_stage(distill, self.student_options())
+            pictures, _ = run_visualize("distill.py", self.student_options())
         for picture in pictures:
             visible = (picture["rows"][1][1] != 0.5).any(1, keepdim=True)
             for k in (2, 5):
@@ -4200,22 +4222,21 @@ class TestVisualize(unittest.TestCase):
                 self.assertIn("MEAN 1.00", picture["rows"][k + 2][0])
 
     def test_single_teacher_student_shows_one_teacher(self):
-        pictures, _ = run_stage(distill, self.student_options(video_teacher_loss_weight=0,
-                                                              resume=os.path.join(self.tmp, "student_image",
-                                                                                  "checkpoint-last.pth")))
+        resume = os.path.join(self.tmp, "student_image", "checkpoint-last.pth")
+        pictures, _ = run_visualize("distill.py", self.student_options(video_teacher_loss_weight=0, resume=resume))
         self.assertEqual([label.split(":")[0] for label, _ in pictures[0]["rows"][2:]],
                          ["IMAGE TEACHER", "STUDENT", "COSINE OF PREDICTION AND TARGET"])
 
     def test_encoder_maps_are_the_pca_of_its_tokens(self):
         student = os.path.join(self.tmp, "student", "checkpoint-last.pth")
-        pictures, _ = run_stage(finetune, self.options("encoder", finetune=student, depth=1))
-        _, clips = data.first_clips(self.list_path, self.root, 2, 4, 2, 64)
+        pictures, _ = run_visualize("finetune.py", self.options("encoder", finetune=student, depth=1))
+        _, clips = tools_visualize.first_clips(self.list_path, self.root, 2, 4, 2, 64)
         encoder = M.VideoClassifier("vit_tiny", 1, 4, 64, depth=1)
         with contextlib.redirect_stdout(io.StringIO()):
             M.load_checkpoint(encoder, student)
         with torch.no_grad():
             tokens = encoder.eval().forward_features(clips)  # (2, 32, 192)
-        want = M.paint_tokens(M.pca_colours(tokens.flatten(0, 1))(tokens), (2, 4, 4), 16, 2)
+        want = tools_visualize.paint_tokens(tools_visualize.pca_colours(tokens.flatten(0, 1))(tokens), (2, 4, 4), 16, 2)
         for i, picture in enumerate(pictures):
             self.assertIn("STUDENT/CHECKPOINT-LAST.PTH", picture["rows"][1][0].upper())
             self.assertLess((picture["rows"][1][1] - want[i]).abs().max(), 1e-5)
@@ -4227,28 +4248,46 @@ class TestVisualize(unittest.TestCase):
                   finetune: self.options("encoder_ft", resume=os.path.join(self.tmp, "student", "checkpoint-last.pth"))}
         before = checkpoint_bytes(self.tmp)
         for stage, options in stages.items():
-            with mock.patch.object(stage, "train_one_epoch", side_effect=AssertionError("trained")), \
+            script = f"{stage.__name__}.py"
+            with mock.patch.object(stage, "main", side_effect=AssertionError("ran the stage")), \
+                    mock.patch.object(stage, "train_one_epoch", side_effect=AssertionError("trained")), \
                     mock.patch.object(M, "save_training_state", side_effect=AssertionError("saved")), \
                     mock.patch.object(M, "save_checkpoint", side_effect=AssertionError("saved")):
-                pictures, _ = run_stage(stage, options)
-            self.assertEqual(len(pictures), 2, stage.__name__)
+                pictures, _ = run_visualize(script, options)
+            self.assertEqual(len(pictures), 2, script)
             # without a checkpoint: one clear line, and nothing written
             empty = os.path.join(self.tmp, f"empty_{stage.__name__}")
             options = {**options, "--output_dir": empty}
             options = {k: v for k, v in options.items() if k not in ("--resume", "--finetune")}
-            with self.assertRaisesRegex(ValueError, "--finetune PATH or --resume PATH|does not exist") as caught:
-                run_stage(stage, options)
+            with self.assertRaisesRegex(ValueError, "does not exist: train this stage first") as caught:
+                run_visualize(script, options)
+            self.assertIn("--finetune PATH or --resume PATH" if stage is finetune else "--resume PATH",
+                          str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
-            self.assertFalse(os.path.exists(empty), stage.__name__)
+            self.assertFalse(os.path.exists(empty), script)
         self.assertEqual(checkpoint_bytes(self.tmp), before)  # none written, none changed
         env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
-        cli = subprocess.run([sys.executable, "pretrain_mae.py", "--visualize", "1", "--precision", "fp32",
-                              "--output_dir", os.path.join(self.tmp, "empty_cli")], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=120)
+        cli = subprocess.run([sys.executable, "tools/visualize.py", "pretrain_mae.py", "--visualize", "1",
+                              "--precision", "fp32", "--output_dir", os.path.join(self.tmp, "empty_cli")], cwd=HERE,
+                             env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual((cli.returncode, cli.stdout), (1, ""))
-        self.assertRegex(cli.stderr, r"^pretrain_mae.py: error: --visualize shows a trained model, but \S+ does not "
+        self.assertRegex(cli.stderr, r"^visualize.py: error: --visualize shows a trained model, but \S+ does not "
                                      r"exist[^\n]*\n$")
 
+    def test_the_stage_parses_its_own_flags_and_no_longer_takes_visualize(self):
+        stage, args = tools_visualize.get_args(["distill.py", "--model", "vit_tiny", "--visualize", "3",
+                                                "--mask_ratio", "0.5", "--output_dir", "out"])
+        self.assertIs(stage, distill)
+        self.assertEqual((args.visualize, args.model, args.mask_ratio, args.output_dir), (3, "vit_tiny", 0.5, "out"))
+        self.assertEqual(args.epochs, distill.get_args([]).epochs)  # the stage's own defaults, filled in as it fills them
+        for argv in (["distill.py", "--visualize", "1", "--no_such_flag"],  # the stage's parser says what is wrong
+                     ["distill.py", "--model", "vit_tiny"],  # no --visualize N
+                     ["train.py", "--visualize", "1"]):  # not a stage
+            with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                tools_visualize.get_args(argv)
+        for stage in STAGES.values():  # the pictures left the stages: --visualize is no stage flag
+            with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+                stage.get_args(["--visualize", "1"])
 
 def checkpoint_bytes(folder):
     """{path: contents} of every .pth file under folder."""
