@@ -650,8 +650,11 @@ def collate_samples(items):
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
-    """Like timm's Mixup in the official code: per batch, mixup or cutmix with probability 1/2 each (the same box in
-    every frame), soft targets with label smoothing. Uses the global RNG. timm mixes each sample with the batch
+    """Per batch, mixup or cutmix with probability 1/2 each, soft targets with label smoothing, as timm's Mixup in the
+    official code, but CutMix pastes one H x W box in every frame. The official hands timm (B, C, T, H, W) clips: its
+    box, drawn for (H, W), cuts x[:, :, yl:yh, xl:xh], frames and rows; in 60% of CutMix draws no pixel moves, yet
+    the labels give the partner 29% of their mass there (32% over all draws; docs/details.md).
+    Uses the global RNG. timm mixes each sample with the batch
     reversed, torchvision with the batch rolled by one: the same distribution."""
     choices = [mix(alpha=alpha, num_classes=num_classes)
                for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
