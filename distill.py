@@ -55,7 +55,7 @@ def get_args(argv=None):
     p.add_argument("--data_path", help="video list ('path label' lines); omitted: the synthetic demo set")
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
     add_training_flags(p, "output/distill", drop_path=0.1, min_lr_note=" (default 1e-4 with --data_path, as every "
-                       "official 400-epoch script; 1e-5 in the demo)")
+                       "official 400-epoch script; their 800-epoch ViT-L/H scripts keep 1e-5; 1e-5 in the demo)")
     args = p.parse_args(argv)
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
