@@ -257,35 +257,57 @@ def in_parallel(fn, items, num_workers):
 
 
 # ----------------------------------------------------------------------------------------------- sampling and masks
-def clip_indices(num_video_frames, num_frames, sampling_rate, sampling="dense", view=None, num_views=1, num_clips=1):
-    """Frame indices of one clip. view=None: random (training); else view `view` of `num_views` (testing).
+def clip_indices(num_video_frames, num_frames, sampling_rate, num_clips=1):
+    """Pretraining: frame indices of num_clips random clips of num_frames frames every sampling_rate frames, one after
+    the other in the list, the k-th starting in the k-th of num_clips equal parts of the possible starts (the official
+    repeated sampling, TSN-style). A video shorter than the clip repeats its last frame; sampling_rate 0 repeats one
+    frame (a single-frame baseline: no motion left to see)."""
+    n = num_video_frames
+    starts = max(n - (num_frames - 1) * sampling_rate, 1)  # possible starts: 0 .. starts - 1
+    bounds = [k * starts // num_clips for k in range(num_clips + 1)]
+    return [min(start + sampling_rate * i, n - 1) for lo, hi in zip(bounds, bounds[1:])
+            for start in [int(torch.randint(lo, max(hi, lo + 1), ()))] for i in range(num_frames)]
 
-    dense: num_frames frames every sampling_rate frames; random start, or starts evenly spaced over the video
-      (the official test loader takes every sampling_rate-th frame and spaces num_views windows over them).
-      num_clips > 1 (training): that many clips one after the other in the list, the k-th starting in the k-th of
-      num_clips equal parts of the possible starts (the official repeated sampling, TSN-style).
-    segment (official SSv2): num_frames equal segments, one frame each, random in training; in testing view k takes
-      fraction (1/2 + k/num_views) mod 1 of every segment (centres first; with 2 views the official centres + starts).
-    A video shorter than the clip repeats its last frame. sampling_rate 0 repeats one frame: no motion left to see.
+
+def finetune_indices(num_video_frames, num_frames, sampling_rate, sampling="dense"):
+    """Fine-tuning: frame indices of one random clip, the official loaders' formulas (kinetics.py, ssv2.py).
+
+    dense: a window of num_frames * sampling_rate frames ending at a random frame, num_frames frames np.linspace'd
+      over it (16 over 64: offsets 0, 4, 8, 12, 17, ..., 59, 63); a video no longer than the window spreads
+      n // sampling_rate frames over all of it and repeats its last frame.
+    segment (SSv2): num_frames inclusive, overlapping segments [round(d i), round(d (i + 1))], d = (n - 1) / num_frames,
+      one random frame each.
     """
     n = num_video_frames
     if sampling == "segment":
-        if n < num_frames:
-            return [min(i, n - 1) for i in range(num_frames)]
-        bounds = [i * n // num_frames for i in range(num_frames + 1)]
-        if view is None:
-            return [int(torch.randint(lo, hi, ())) for lo, hi in zip(bounds, bounds[1:])]
-        offset = (0.5 + view / num_views) % 1
-        return [int(n / num_frames * (i + offset)) for i in range(num_frames)]
-    if view is None:  # sampling_rate 0 repeats one frame: the single-frame baseline
-        starts = max(n - (num_frames - 1) * sampling_rate, 1)  # possible starts: 0 .. starts - 1
-        bounds = [k * starts // num_clips for k in range(num_clips + 1)]
-        return [min(start + sampling_rate * i, n - 1) for lo, hi in zip(bounds, bounds[1:])
-                for start in [int(torch.randint(lo, max(hi, lo + 1), ()))] for i in range(num_frames)]
-    if sampling_rate == 0:  # the single-frame baseline's views, evenly spaced over the video
+        d = (n - 1) / num_frames
+        return [int(torch.randint(round(d * i), round(d * (i + 1)) + 1, ())) for i in range(num_frames)]
+    window = num_frames * sampling_rate
+    if n <= window:
+        k = n // sampling_rate
+        return [min(int(i * (n / max(k - 1, 1))), n - 1) for i in range(k)] + [n - 1] * (num_frames - k)
+    start = int(torch.randint(window, n, ())) - window  # sampling_rate 0: any frame, repeated
+    return [min(int(start + i * (window / max(num_frames - 1, 1))), start + max(window - 1, 0))
+            for i in range(num_frames)]
+
+
+def view_indices(num_video_frames, num_frames, sampling_rate, sampling, view, num_views):
+    """Testing: frame indices of view `view` of `num_views`, the official test loaders' formulas.
+
+    dense: the frames 0, r, 2r, ... (the last repeated up to num_frames) and num_views windows of num_frames of them
+      evenly spaced; sampling_rate 0 (the single-frame baseline): one frame, views evenly spaced over the video.
+    segment (SSv2): the segments of length d = (n - 1) / num_frames cut into num_views parts; view k takes the middle
+      of part k of every segment (2 views: the middles of the two halves).
+    """
+    n = num_video_frames
+    if sampling == "segment":
+        d = (n - 1) / num_frames
+        part = d / num_views
+        return [(round(d * i + part * view) + round(d * i + part * (view + 1))) // 2 for i in range(num_frames)]
+    if sampling_rate == 0:
         return [int(view * (n - 1) / max(num_views - 1, 1))] * num_frames
     num_strided = -(-n // sampling_rate)  # frames 0, r, 2r, ... that exist
-    start = sampling_rate * int(view * max(num_strided - num_frames, 0) / max(num_views - 1, 1))
+    start = sampling_rate * int(view * (max(num_strided - num_frames, 0) / max(num_views - 1, 1)))
     return [min(start + sampling_rate * i, n - 1) for i in range(num_frames)]
 
 
@@ -341,21 +363,91 @@ def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
     return row * ((height - crop_h) // 4), col * ((width - crop_w) // 4), crop_h, crop_w
 
 
-def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7), erase_prob=0.25, crop_scale=0.08):
-    """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames.
+def _warp(x, a, b, c, d, e, f):
+    """PIL's affine transform as timm calls it: output pixel centre (x, y) takes the input at (a x + b y + c,
+    d x + e y + f); bicubic (torchvision's tensor affine has no bicubic), grey (128) where that is outside the frame."""
+    H, W = x.shape[-2:]
+    y0, x0 = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    u, v = a * x0 + b * y0 + c, d * x0 + e * y0 + f
+    grid = torch.stack([2 * u / W - 1, 2 * v / H - 1], -1).expand(len(x), H, W, 2)
+    out = F.grid_sample(x.float(), grid, "bicubic", "border", align_corners=False).round().clamp(0, 255).byte()
+    return torch.where((u < 0) | (u >= W) | (v < 0) | (v >= H), 128, out)
 
-    torchvision's RandAugment(num_ops, magnitude) = (4, 7) stands in for timm's "rand-m7-n4-mstd0.5-inc1" (no magnitude
-    noise, slightly different op set). Random erasing fills its box with normal noise, the same box and noise in every
-    frame. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing augmentation.
-    crop_scale is the smallest area fraction of the crop (official 0.08; larger keeps tiny frames recognisable).
-    """
+
+def _rotate(x, degrees):  # PIL's Image.rotate: counter-clockwise about the centre
+    a = math.radians(degrees)
+    cos, sin, cx, cy = math.cos(a), math.sin(a), x.shape[-1] / 2, x.shape[-2] / 2
+    return _warp(x, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+
+
+def _signed(v):  # timm's _randomly_negate
+    return -v if torch.rand(()) < 0.5 else v
+
+
+def _enhance(m):  # timm's _enhance_increasing_level_to_arg: 1 +- 0.9 at m = 10
+    return 1.0 + _signed(m / 10 * 0.9)
+
+
+# timm's "increasing" RandAugment op set (the official "inc1"), name -> (op on uint8 frames (T, 3, H, W), its
+# argument at magnitude m on timm's 0-10 scale, by timm's level formula)
+RAND_AUGMENT_OPS = {
+    "AutoContrast": (lambda x, _: v2.functional.autocontrast(x), lambda m: None),
+    "Equalize": (lambda x, _: v2.functional.equalize(x), lambda m: None),
+    "Invert": (lambda x, _: v2.functional.invert(x), lambda m: None),
+    "Rotate": (_rotate, lambda m: _signed(m / 10 * 30)),
+    "PosterizeIncreasing": (v2.functional.posterize, lambda m: 4 - int(m / 10 * 4)),  # bits kept
+    "SolarizeIncreasing": (lambda x, t: torch.where(x >= t, 255 - x, x), lambda m: 256 - int(m / 10 * 256)),
+    "SolarizeAdd": (lambda x, n: torch.where(x < 128, (x.int() + n).clamp(max=255).byte(), x),
+                    lambda m: int(m / 10 * 110)),
+    "ColorIncreasing": (v2.functional.adjust_saturation, _enhance),
+    "ContrastIncreasing": (v2.functional.adjust_contrast, _enhance),
+    "BrightnessIncreasing": (v2.functional.adjust_brightness, _enhance),
+    "SharpnessIncreasing": (v2.functional.adjust_sharpness, _enhance),
+    "ShearX": (lambda x, s: _warp(x, 1, s, 0, 0, 1, 0), lambda m: _signed(m / 10 * 0.3)),
+    "ShearY": (lambda x, s: _warp(x, 1, 0, 0, s, 1, 0), lambda m: _signed(m / 10 * 0.3)),
+    "TranslateXRel": (lambda x, t: _warp(x, 1, 0, t * x.shape[-1], 0, 1, 0), lambda m: _signed(m / 10 * 0.45)),
+    "TranslateYRel": (lambda x, t: _warp(x, 1, 0, 0, 0, 1, t * x.shape[-2]), lambda m: _signed(m / 10 * 0.45)),
+}
+
+
+class RandAugment:
+    """timm's RandAugment as the official "rand-mM-nN-mstdS-inc1": N ops drawn with replacement from RAND_AUGMENT_OPS,
+    each applied with probability 1/2 at a magnitude drawn from N(M, S) clipped to 0-10; one draw for all frames."""
+
+    def __init__(self, num_ops=4, magnitude=7, std=0.5):
+        self.num_ops, self.magnitude, self.std = num_ops, magnitude, std
+
+    def __call__(self, frames):  # uint8 (T, 3, H, W) -> the same, a tv_tensors.Video stays one
+        x, ops = frames.as_subclass(torch.Tensor), list(RAND_AUGMENT_OPS.values())
+        for i in torch.randint(len(ops), (self.num_ops,)).tolist():
+            if torch.rand(()) < 0.5:
+                op, level = ops[i]
+                x = op(x, level(min(10.0, max(0.0, self.magnitude + self.std * float(torch.randn(()))))))
+        return tv_tensors.wrap(x, like=frames) if isinstance(frames, tv_tensors.Video) else x
+
+
+class EraseClip(v2.RandomErasing):
+    """The official (timm's) erasing of a clip: one box for all frames, fresh normal noise in each frame."""
+
+    def transform(self, inpt, params):
+        if params["v"] is not None:
+            params = dict(params, v=torch.randn(*inpt.shape[:-2], params["h"], params["w"]))
+        return super().transform(inpt, params)
+
+
+def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08):
+    """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames:
+    RandAugment(num_ops, magnitude, std), a random-resized crop without antialiasing (the official interpolates
+    bilinearly), flip, erasing. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing
+    augmentation. crop_scale is the smallest area fraction of the crop (official 0.08; larger keeps tiny frames
+    recognisable)."""
     return v2.Compose([
-        *([v2.RandAugment(*rand_augment)] if rand_augment else []),
+        *([RandAugment(*rand_augment)] if rand_augment else []),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomResizedCrop(input_size, scale=(crop_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=False),
         *([v2.RandomHorizontalFlip(p=0.5)] if flip else []),  # off for SSv2: left and right are in its labels
-        *([v2.RandomErasing(p=erase_prob, value="random")] if erase_prob else []),
+        *([EraseClip(p=erase_prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3))] if erase_prob else []),
     ])
 
 
@@ -423,8 +515,8 @@ class VideoDataset(SeededDataset):
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
                  input_size=224, teacher_input_size=None, mask_ratio=0.9, mask_type="tube", tubelet_size=2, patch_size=16,
-                 num_sample=1, flip=True, rand_augment=(4, 7), erase_prob=0.25, crop_scale=0.08, test_num_segment=5,
-                 test_num_crop=3, short_side_size=224, seed=0, output_dir=None, max_bad_videos=None,
+                 num_sample=1, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08,
+                 test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0, output_dir=None, max_bad_videos=None,
                  cache_videos=False):
         assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
         super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos, cache_videos)
@@ -444,9 +536,11 @@ class VideoDataset(SeededDataset):
     def read_clip(self, path, view=None):
         """uint8 (T, 3, H, W): the frames of one clip (random, or temporal view `view` in testing); in pretraining
         (num_clips * T, 3, H, W): num_sample clips at num_sample places of the video, decoded in one pass."""
-        num_clips = self.num_sample if self.mode == "pretrain" else 1
-        return self.reader(path, lambda n: clip_indices(n, self.num_frames, self.sampling_rate, self.sampling, view,
-                                                        self.test_num_segment, num_clips)).permute(0, 3, 1, 2)
+        frames, rate = self.num_frames, self.sampling_rate
+        indices = {"pretrain": lambda n: clip_indices(n, frames, rate, self.num_sample),
+                   "train": lambda n: finetune_indices(n, frames, rate, self.sampling),
+                   "test": lambda n: view_indices(n, frames, rate, self.sampling, view, self.test_num_segment)}
+        return self.reader(path, indices[self.mode]).permute(0, 3, 1, 2)
 
     def get(self, index):
         """A sample, or a list of num_sample samples of one video (make_loader's batches hold every one of them)."""
@@ -482,13 +576,13 @@ class VideoDataset(SeededDataset):
             self.skip_bad(path, error)
             return {**sample, "video": torch.zeros(3, self.num_frames, self.input_size, self.input_size), "ok": False}
         s = self.short_side_size
-        frames = v2.functional.resize(frames, [s], antialias=True)  # short side to s
+        frames = v2.functional.resize(frames, [s], antialias=False)  # short side to s, as the official (cv2)
         height, width = frames.shape[-2:]
         crops, crop = self.test_num_crop, view % self.test_num_crop  # spread along the long side
-        start = int(crop * (max(height, width) - s) / (crops - 1)) if crops > 1 else (max(height, width) - s) // 2
+        start = int(crop * ((max(height, width) - s) / (crops - 1))) if crops > 1 else (max(height, width) - s) // 2
         frames = frames[..., start:start + s, :] if height > width else frames[..., start:start + s]
         if s != self.input_size:  # the official code assumes short_side_size == input_size
-            frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=True)
+            frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=False)
         return {"video": normalize(frames).transpose(0, 1), **sample}
 
 
@@ -518,7 +612,7 @@ class ImageDataset(SeededDataset):
         """uint8 (num_sample, 3, H, W)."""
         if not self.from_videos:
             return v2.functional.pil_to_tensor(self.load_image(path)).expand(self.num_sample, -1, -1, -1)
-        return self.reader(path, lambda n: clip_indices(n, 1, 1, num_clips=self.num_sample)).permute(0, 3, 1, 2)
+        return self.reader(path, lambda n: clip_indices(n, 1, 1, self.num_sample)).permute(0, 3, 1, 2)
 
     def get(self, index):
         index, images = self.read_good(index, self.read_images)
@@ -562,8 +656,11 @@ def collate_samples(items):
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
-    """Like timm's Mixup in the official code: per batch, mixup or cutmix with probability 1/2 each (the same box in
-    every frame), soft targets with label smoothing. Uses the global RNG. timm mixes each sample with the batch
+    """Per batch, mixup or cutmix with probability 1/2 each, soft targets with label smoothing, as timm's Mixup in the
+    official code, but CutMix pastes one H x W box in every frame. The official hands timm (B, C, T, H, W) clips: its
+    box, drawn for (H, W), cuts x[:, :, yl:yh, xl:xh], frames and rows; in 60% of CutMix draws no pixel moves, yet
+    the labels give the partner 29% of their mass there (32% over all draws; docs/details.md).
+    Uses the global RNG. timm mixes each sample with the batch
     reversed, torchvision with the batch rolled by one: the same distribution."""
     choices = [mix(alpha=alpha, num_classes=num_classes)
                for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]

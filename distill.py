@@ -24,9 +24,10 @@ from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStude
                    param_groups, read_checkpoint, resume, save_checkpoint, saved_args, setup_distributed,
                    train_one_epoch, training_step)
 
-# Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
-OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
-DEMO = dict(epochs=1, warmup_epochs=0, batch_size=4, input_size=64, num_frames=8, sampling_rate=2)  # ~5 min on 2 cores
+# Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
+OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
+                min_lr=1e-4)
+DEMO = dict(epochs=1, warmup_epochs=0, batch_size=4, input_size=64, num_frames=8, sampling_rate=2, min_lr=1e-5)
 LOSSES = {"SmoothL1": F.smooth_l1_loss, "L2": F.mse_loss, "L1": F.l1_loss}  # SmoothL1 with beta 1, as the official
 
 
@@ -43,7 +44,8 @@ def get_args(argv=None):
                    help="image teacher size (default: the size saved in our checkpoint, else vit_base)")
     p.add_argument("--video_teacher_model", choices=list(VIT_SIZES), help="video teacher size (as above)")
     p.add_argument("--teacher_patch_size", type=int, default=16, help="image teacher patch (14 for MAE-H)")
-    p.add_argument("--teacher_input_size", type=int, help="teachers' input size (196 for MAE-H); default input_size")
+    p.add_argument("--teacher_input_size", type=int, help="the image teacher's input size (196 for MAE-H); default "
+                   "input_size; the video teacher takes the student's clip")
     p.add_argument("--image_teacher_loss_weight", type=float, default=1.0, help="0 = video teacher only")
     p.add_argument("--video_teacher_loss_weight", type=float, default=1.0, help="0 = image teacher only")
     p.add_argument("--distill_loss_func", choices=list(LOSSES), default="SmoothL1")
@@ -51,7 +53,8 @@ def get_args(argv=None):
                    help="LayerNorm (no affine) on each teacher feature (off in the official scripts)")
     p.add_argument("--data_path", help="video list ('path label' lines); omitted: the synthetic demo set")
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
-    add_training_flags(p, "output/distill", drop_path=0.1)
+    add_training_flags(p, "output/distill", drop_path=0.1, min_lr_note=" (default 1e-4 with --data_path, as every "
+                       "official 400-epoch script; their 800-epoch ViT-L/H scripts keep 1e-5; 1e-5 in the demo)")
     args = p.parse_args(argv)
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
@@ -74,14 +77,16 @@ def build_teacher(kind, args, device, dtype):
     saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth, eps = saved.get("depth"), saved.get("layer_norm_eps", 1e-6)  # our test configs record their depth, a
-    # transformers folder its depth and layer-norm epsilon (the Hub's VideoMAE: 1e-12, the original code 1e-6)
-    patch = args.teacher_patch_size if kind == "image" else args.patch_size  # the video teacher's tubes = the student's
+    # transformers folder its depth and layer-norm epsilon (the Hub's VideoMAE: 1e-12, the original code 1e-6).
+    # The video teacher takes the student's clip (its tubes are the student's), the image teacher the clip at
+    # --teacher_input_size (as the official with --video_teacher_input_size = --input_size, its ViT-H script)
+    patch = args.teacher_patch_size if kind == "image" else args.patch_size
     check_trained_with(f"the {kind} teacher {path}", saved, "patch_size", patch, patch,
                        "teacher_patch_size" if kind == "image" else "patch_size")
     if kind == "image":
         teacher = ImageMAE(size, args.teacher_input_size, patch, decoder_depth=0, depth=depth, eps=eps)
     else:
-        teacher = VideoMAE(size, args.num_frames, args.teacher_input_size, patch, decoder_depth=0, depth=depth, eps=eps,
+        teacher = VideoMAE(size, args.num_frames, args.input_size, patch, decoder_depth=0, depth=depth, eps=eps,
                            pos=saved.get("pos_embed", "1d"))  # the table it was trained with: official VideoMAE's 1d
     if path:
         print(f"{kind} teacher {size} from {path}")
@@ -129,9 +134,10 @@ def main(args):
     def loss_fn(batch):  # clips come as uint8 and are normalized here, on the device
         video = data.normalize(batch["video"].to(env.device, non_blocking=True))  # (B, 3, T, H, W)
         mask = batch["mask"].to(env.device, non_blocking=True)
-        teacher_video = data.normalize(batch["teacher_video"].to(env.device)) if "teacher_video" in batch else video
+        clips = {"vid": video, "img": data.normalize(batch["teacher_video"].to(env.device))
+                 if "teacher_video" in batch else video}  # the image teacher's at --teacher_input_size
         preds = dict(zip(("img", "vid"), model(video, mask)))
-        losses = {name: mvd_loss(preds[name], teacher_features(t, teacher_video, args.norm_feature), mask,
+        losses = {name: mvd_loss(preds[name], teacher_features(t, clips[name], args.norm_feature), mask,
                                  args.distill_loss_func) for name, t in teachers.items()}
         return sum(weights[n] * losses[n] for n in losses), {f"loss_{n}": v.item() for n, v in losses.items()}
 
@@ -149,8 +155,8 @@ def main(args):
                                 cache_videos=args.cache_videos)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
-    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases,
-    # norms, tokens
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases and
+    # norms (the student's mask tokens decay, as the official)
     total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256

@@ -54,7 +54,7 @@ def get_args(argv=None):
     p.add_argument("--data_path", help="folder with train.csv, val.csv and optionally test.csv (then the final "
                                        "evaluation); omitted: the synthetic demo set's appearance task")
     add_training_flags(p, "output/finetune", blr=None, min_lr=1e-6, weight_decay=None, drop_path=None,
-                       lr_note=" (5e-4; 1e-3 linear probe)", absolute_min_lr=True)
+                       lr_note=" (5e-4; 1e-3 linear probe)", min_lr_note=" (as run_class_finetuning.py)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip in training; default: on, off for SSV2 (never for direction labels)")
     p.add_argument("--nb_classes", type=int, help="default: max label + 1 of train.csv")
@@ -65,7 +65,8 @@ def get_args(argv=None):
     p.add_argument("--layer_decay", type=float, default=0.75, help="lr of block i scaled by decay^(depth + 1 - i)")
     p.add_argument("--fc_drop_rate", type=float, default=0.0, help="dropout before the head (ViT-L: 0.5)")
     p.add_argument("--init_scale", type=float, default=0.001, help="the fresh head's initial weights are scaled so")
-    p.add_argument("--aa", help="RandAugment as timm's string: rand-m7-n4-mstd0.5-inc1 (magnitude 7, 4 ops), or none")
+    p.add_argument("--aa", help="RandAugment as timm's string: rand-m7-n4-mstd0.5-inc1 (4 ops, magnitude 7 +- 0.5, "
+                   "the official), or none")
     p.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest area fraction of the training random-resized crop (0.5-1 for frames under 100 px)")
     p.add_argument("--reprob", type=float, help="random erasing probability: 0.25 (0 for a linear probe)")
@@ -84,10 +85,11 @@ def get_args(argv=None):
     official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
     fill_defaults(p, args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
     args.short_side_size = args.short_side_size or args.input_size
-    magnitude_ops = re.fullmatch(r"rand-m(\d+)-n(\d+)(-.*)?", args.aa)
-    if args.aa != "none" and not magnitude_ops:
-        p.error(f"--aa {args.aa!r}: give 'none' or a RandAugment string like rand-m7-n4-mstd0.5-inc1")
-    args.rand_augment = (int(magnitude_ops[2]), int(magnitude_ops[1])) if magnitude_ops else None  # (ops, magnitude)
+    aa = re.fullmatch(r"rand-m(\d+)-n(\d+)(?:-mstd([\d.]+))?-inc1", args.aa)
+    if args.aa != "none" and not aa:
+        p.error(f"--aa {args.aa!r}: give 'none' or timm's RandAugment string rand-mM-nN[-mstdS]-inc1 (the increasing "
+                "op set), e.g. rand-m7-n4-mstd0.5-inc1")
+    args.rand_augment = (int(aa[2]), int(aa[1]), float(aa[3] or 0)) if aa else None  # (ops, magnitude, std)
     return args
 
 
@@ -251,9 +253,10 @@ def main(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({"eval": args.finetune or run_state, **stats}) + "\n")
         return raw
-    # 4. Optimizer: AdamW (0.9, 0.999), layer-wise lr decay, lr scaled with the total batch, min_lr absolute
+    # 4. Optimizer: AdamW (0.9, 0.999), layer-wise lr decay, lr and min_lr scaled with the total batch
     total_batch = args.batch_size * args.update_freq * env.world_size  # videos, as the official (not x num_sample)
     args.lr = args.lr or args.blr * total_batch / 256
+    args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
                                   betas=(0.9, 0.999))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it

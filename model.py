@@ -630,14 +630,15 @@ def layer_id(name, depth):
     return depth + 1
 
 
-def param_groups(model, weight_decay, layer_decay=None, depth=None):
-    """AdamW groups: no weight decay on 1-D tensors (biases, norms, q/v biases) and tokens; optional layer-wise lr decay,
-    where layer i gets lr_scale = layer_decay ** (depth + 1 - i) (as the official fine-tuning)."""
+def param_groups(model, weight_decay, layer_decay=None, depth=None, skip=("pos_embed", "cls_token", "mask_token")):
+    """AdamW groups as the official: no weight decay on 1-D tensors, biases and the names in `skip`, matched whole (the
+    official models' no_weight_decay(): VideoMAE's mask_token is exempt, the MVD student's mask_token_img/_vid are not;
+    MAE passes none, skip=()); optional layer-wise lr decay: layer i gets lr_scale = layer_decay ** (depth + 1 - i)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if p.ndim < 2 or "token" in name else weight_decay
+        decay = 0.0 if p.ndim < 2 or name.endswith(".bias") or name in skip else weight_decay
         layer = layer_id(name, depth) if layer_decay is not None else 0
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
         groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
@@ -896,8 +897,8 @@ def clips_per_video(args):
     return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
 
 
-def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05, drop_path=0.0, lr_note="",
-                       absolute_min_lr=False):
+def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05, drop_path=0.0, lr_note="",
+                       min_lr_note=""):
     """The flags every stage has, under the official names. The stage gives its own defaults; None means 'filled in
     after parsing' (the official recipe with --data_path, a demo without) by fill_defaults."""
     p.add_argument("--model", choices=list(VIT_SIZES), default="vit_base", help="size of the model this stage trains")
@@ -914,10 +915,10 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=1e-5, weight_decay=0.05
     p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=min_lr, help="end of the cosine" + (
-        ", absolute (as the official)" if absolute_min_lr else ", scaled by total batch / 256 too (official 400-epoch "
-                                                                 "distillation scripts: 1e-4)"))
-    p.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW's, not on biases, norms, tokens")
+    p.add_argument("--min_lr", type=float, default=min_lr, help="end of the cosine, scaled by total batch / 256 like "
+                   "the lr" + min_lr_note)
+    p.add_argument("--weight_decay", type=float, default=weight_decay, help="AdamW's, not on biases and norms "
+                   "(and the tokens each official stage exempts: model.param_groups)")
     p.add_argument("--clip_grad", type=float, help="max gradient norm (off by default, as the official runs)")
     p.add_argument("--drop_path", type=float, default=drop_path, help="stochastic depth rate of the trained model")
     p.add_argument("--use_checkpoint", action=argparse.BooleanOptionalAction, default=False,

@@ -41,10 +41,11 @@ def get_args(argv=None):
     p.add_argument("--data_path", help="video list ('path label' lines) or, for --mode image, an image folder; "
                                        "omitted: the synthetic demo set")
     p.add_argument("--num_sample", type=int, default=1, help=NUM_SAMPLE_HELP)
-    add_training_flags(p, None)
+    add_training_flags(p, None, min_lr_note=" (default: 0 for image, as MAE; 1e-5 for video, as VideoMAE)")
     args = p.parse_args(argv)
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO, dict(
-        mask_ratio={"image": 0.75, "video": 0.9}[args.mode], output_dir=os.path.join("output", f"{args.mode}_mae")))
+        mask_ratio={"image": 0.75, "video": 0.9}[args.mode], min_lr={"image": 0.0, "video": 1e-5}[args.mode],
+        output_dir=os.path.join("output", f"{args.mode}_mae")))
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     return args
@@ -85,11 +86,13 @@ def main(args):
         dataset = data.ImageDataset(args.data_path, args.data_root, **common)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
-    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases, norms, tokens
+    # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases and norms (nor
+    # on VideoMAE's mask_token; MAE's tokens decay)
     total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size  # clips (or images)
     args.lr = args.lr or args.blr * total_batch / 256
     args.min_lr = args.min_lr * total_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    groups = param_groups(raw, args.weight_decay, skip=("mask_token",) if video else ())
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
     if env.is_main:

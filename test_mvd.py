@@ -1289,7 +1289,7 @@ class TestModelParamGroups(unittest.TestCase):
                 params = dict(model.named_parameters())
                 self.assertEqual(set(where), {id(p) for p in params.values()})
                 for name, p in params.items():
-                    no_decay = p.ndim == 1 or name.endswith(("q_bias", "v_bias")) or "token" in name
+                    no_decay = p.ndim == 1 or name.endswith("bias") or name in ("cls_token", "mask_token")
                     self.assertEqual(where[id(p)]["weight_decay"], 0.0 if no_decay else 0.05, name)
                     self.assertEqual(where[id(p)].get("lr_scale", 1.0), 1.0, name)
                 for name, buf in model.named_buffers():  # position tables are buffers, in no group
@@ -1521,9 +1521,9 @@ class TestSampling(unittest.TestCase):
 
     def test_dense_testing(self):
         # 25 frames at stride 4 (0, 4, ..., 96); 3 windows of 4 of them, starting at 0, 10 and 21
-        views = [data.clip_indices(100, 4, 4, view=k, num_views=3) for k in range(3)]
+        views = [data.view_indices(100, 4, 4, "dense", k, 3) for k in range(3)]
         self.assertEqual(views, [[0, 4, 8, 12], [40, 44, 48, 52], [84, 88, 92, 96]])
-        self.assertEqual(data.clip_indices(10, 4, 4, view=1, num_views=2), [0, 4, 8, 9])
+        self.assertEqual(data.view_indices(10, 4, 4, "dense", 1, 2), [0, 4, 8, 9])
 
     def test_sampling_rate_0_repeats_one_frame(self):
         torch.manual_seed(0)
@@ -1533,25 +1533,27 @@ class TestSampling(unittest.TestCase):
             self.assertEqual(len(set(indices)), 1, indices)
             seen.add(indices[0])
         self.assertEqual(seen, set(range(30)))  # any frame of the video
-        views = [data.clip_indices(31, 4, 0, view=k, num_views=3) for k in range(3)]
+        views = [data.view_indices(31, 4, 0, "dense", k, 3) for k in range(3)]
         self.assertEqual(views, [[0] * 4, [15] * 4, [30] * 4])  # views evenly spaced over the video
 
     def test_segment_training(self):
         torch.manual_seed(0)
         seen = [set() for _ in range(4)]
         for _ in range(300):
-            for slot, index in enumerate(data.clip_indices(22, 4, 4, "segment")):
+            for slot, index in enumerate(data.finetune_indices(22, 4, 4, "segment")):
                 seen[slot].add(index)
-        # 22 frames in 4 equal segments: [0, 5), [5, 11), [11, 16), [16, 22); one random frame in each
-        self.assertEqual(seen, [set(range(0, 5)), set(range(5, 11)), set(range(11, 16)), set(range(16, 22))])
-        self.assertEqual(data.clip_indices(3, 4, 4, "segment"), [0, 1, 2, 2])  # short: repeat the last frame
+        # 22 frames, d = 21 / 4 = 5.25: the official inclusive segments [0, 5], [5, 10], [10, 16], [16, 21]
+        self.assertEqual(seen, [set(range(0, 6)), set(range(5, 11)), set(range(10, 17)), set(range(16, 22))])
+        for _ in range(20):  # short: d = 0.5, segments [0, 0], [0, 1], [1, 2], [2, 2]
+            indices = data.finetune_indices(3, 4, 4, "segment")
+            self.assertTrue(indices[0] == 0 and indices[1] in (0, 1) and indices[2] in (1, 2) and indices[3] == 2)
 
     def test_segment_testing(self):
-        centres = data.clip_indices(20, 4, 4, "segment", view=0, num_views=2)
-        starts = data.clip_indices(20, 4, 4, "segment", view=1, num_views=2)
-        self.assertEqual((centres, starts), ([2, 7, 12, 17], [0, 5, 10, 15]))  # the official SSv2 two views
-        self.assertEqual(data.clip_indices(20, 4, 4, "segment", view=0, num_views=1), [2, 7, 12, 17])
-        self.assertEqual(data.clip_indices(3, 4, 4, "segment", view=0, num_views=2), [0, 1, 2, 2])
+        # 20 frames, d = 19 / 4 = 4.75: the official SSv2 two views, the middles of each segment's halves
+        first, second = (data.view_indices(20, 4, 4, "segment", k, 2) for k in range(2))
+        self.assertEqual((first, second), ([1, 6, 11, 15], [3, 8, 13, 18]))
+        self.assertEqual(data.view_indices(20, 4, 4, "segment", 0, 1), [2, 7, 12, 16])  # one view: the middles
+        self.assertEqual(data.view_indices(3, 4, 4, "segment", 0, 2), [0, 0, 1, 2])
 
 
 class TestMasks(unittest.TestCase):
@@ -1669,11 +1671,327 @@ class TestTransforms(DatasetCase):
         dataset = data.VideoDataset(path, self.dir, mode="test", num_frames=2, sampling_rate=2, input_size=24,
                                     short_side_size=24, test_num_segment=1, test_num_crop=3)
         decoded = data.read_frames(os.path.join(self.dir, "portrait.mp4"), [0, 2]).permute(0, 3, 1, 2)
-        resized = data.v2.functional.resize(decoded, [24], antialias=True)
+        resized = data.v2.functional.resize(decoded, [24], antialias=False)  # as the official (cv2)
         self.assertEqual(tuple(resized.shape[-2:]), (40, 24))
         for view, top in enumerate((0, 8, 16)):
             expected = data.normalize(resized[..., top:top + 24, :]).transpose(0, 1)
             self.assertTrue(torch.allclose(dataset[(view, 0)]["video"], expected, atol=1e-5), view)
+
+
+class TestOfficialRecipe(DatasetCase):
+    """Issue 33: each recipe choice against the official code's formula (MVD's kinetics.py, ssv2.py, rand_augment.py,
+    random_erasing.py, optim_factory.py, run_*.py; MAE's main_pretrain.py; VideoMAE's run_mae_pretraining.py), written
+    out here in their own terms."""
+
+    # timm's _RAND_INCREASING_TRANSFORMS and level formulas (rand_augment.py), in timm's own arithmetic
+    INCREASING = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                  "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+    TIMM_LEVEL = {"Rotate": lambda m: (m / 10.0) * 30.0, "PosterizeIncreasing": lambda m: 4 - int((m / 10.0) * 4),
+                  "SolarizeIncreasing": lambda m: 256 - int((m / 10.0) * 256), "SolarizeAdd": lambda m: int((m / 10.0) * 110),
+                  "ShearX": lambda m: (m / 10.0) * 0.3, "ShearY": lambda m: (m / 10.0) * 0.3,
+                  "TranslateXRel": lambda m: (m / 10.0) * 0.45, "TranslateYRel": lambda m: (m / 10.0) * 0.45,
+                  **{f"{k}Increasing": lambda m: (m / 10.0) * 0.9 for k in ("Color", "Contrast", "Brightness", "Sharpness")}}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.mkdtemp(dir=TMP)
+        cls.list_path, cls.root = make_data(cls.tmp, num_videos=4)
+
+    def test_learning_rate_floors(self):
+        official, demo = distill.get_args(["--data_path", "list.csv"]), distill.get_args([])
+        self.assertEqual((official.min_lr, demo.min_lr), (1e-4, 1e-5))  # every official 400-epoch script: 1e-4
+        self.assertEqual(pretrain_mae.get_args(["--mode", "image"]).min_lr, 0.0)  # MAE's main_pretrain.py
+        self.assertEqual(pretrain_mae.get_args(["--mode", "video"]).min_lr, 1e-5)  # VideoMAE's, scaled by batch / 256
+        for stage in (pretrain_mae, distill, finetune):
+            help_text = io.StringIO()
+            with contextlib.redirect_stdout(help_text), self.assertRaises(SystemExit):
+                stage.get_args(["--help"])
+            text = " ".join(help_text.getvalue().split())
+            self.assertIn("scaled by total batch / 256 like the lr", text, stage.__name__)
+            self.assertNotIn("absolute (as the official)", text, stage.__name__)
+        # fine-tuning scales min_lr by the total batch / 256 (run_class_finetuning.py): 1e-6 x 2 / 256
+        lists = os.path.join(self.tmp, "ft_lists")
+        os.makedirs(lists)
+        items = [line.split()[0] for line in open(self.list_path)]
+        for split in ("train", "val"):
+            write_list(os.path.join(lists, f"{split}.csv"), [f"{p} {i % 2}" for i, p in enumerate(items)])
+        _, printed = run_finetune({"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4,
+                                   "--sampling_rate": 2, "--batch_size": 2, "--num_workers": 0, "--epochs": 1,
+                                   "--warmup_epochs": 0, "--test_num_segment": 1, "--test_num_crop": 1,
+                                   "--data_path": lists, "--data_root": self.root, "--eval_freq": 9,
+                                   "--output_dir": os.path.join(self.tmp, "ft")})
+        self.assertIn(f"min_lr {1e-6 * 2 / 256:.3g}", printed)
+
+    def test_rand_augment_op_set_and_levels(self):
+        self.assertEqual(list(data.RAND_AUGMENT_OPS), self.INCREASING)
+        for name, (_, level) in data.RAND_AUGMENT_OPS.items():
+            for m in (0.0, 3.3, 6.5, 7.0, 7.49, 9.99, 10.0):
+                want = self.TIMM_LEVEL[name](m) if name in self.TIMM_LEVEL else None
+                signs = set()
+                for _ in range(40):
+                    got = level(m)
+                    if want is None:
+                        self.assertIsNone(got, name)
+                    elif name.endswith("Increasing") and name not in ("PosterizeIncreasing", "SolarizeIncreasing"):
+                        self.assertAlmostEqual(abs(got - 1.0), want, places=12, msg=(name, m))  # 1 +- 0.9 m / 10
+                        signs.add(got > 1.0)
+                    elif name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+                        self.assertEqual(abs(got), want, (name, m))  # a random sign, as timm's _randomly_negate
+                        signs.add(got > 0)
+                    else:
+                        self.assertEqual(got, want, (name, m))
+                if m > 0 and signs:
+                    self.assertEqual(signs, {True, False}, name)
+        # at the official magnitude 7: rotation 21 degrees, shear 0.21, translation 0.315, enhance 1 +- 0.63, posterize
+        # to 2 bits, solarize from 77, add 77
+        seven = {name: abs(level(7.0)) if level(7.0) is not None else None
+                 for name, (_, level) in data.RAND_AUGMENT_OPS.items()}
+        self.assertEqual((seven["Rotate"], seven["PosterizeIncreasing"], seven["SolarizeIncreasing"],
+                          seven["SolarizeAdd"]), (21.0, 2, 77, 77))
+        self.assertAlmostEqual(seven["ShearX"], 0.21)
+        self.assertAlmostEqual(seven["TranslateYRel"], 0.315)
+        self.assertAlmostEqual(abs(data.RAND_AUGMENT_OPS["ColorIncreasing"][1](7.0) - 1), 0.63)
+
+    def test_rand_augment_ops_equal_pil(self):
+        # timm applies PIL's ImageOps / ImageEnhance / Image.transform (bicubic, fill 128) to each frame
+        from PIL import Image, ImageEnhance, ImageOps
+        frame = data.render_video(np.random.default_rng(0), 48, 64, 1, 2, 1, background_step=(1, 2))[0]  # smooth
+        image, x = Image.fromarray(frame), torch.from_numpy(frame).permute(2, 0, 1).repeat(2, 1, 1, 1)  # (2, 3, 48, 64)
+        grey = dict(resample=Image.BICUBIC, fillcolor=(128, 128, 128))
+        affine = lambda im, matrix: im.transform(im.size, Image.AFFINE, matrix, **grey)  # noqa: E731
+        pil = {"AutoContrast": lambda im, a: ImageOps.autocontrast(im), "Equalize": lambda im, a: ImageOps.equalize(im),
+               "Invert": lambda im, a: ImageOps.invert(im), "Rotate": lambda im, a: im.rotate(a, **grey),
+               "PosterizeIncreasing": ImageOps.posterize, "SolarizeIncreasing": ImageOps.solarize,
+               "SolarizeAdd": lambda im, a: im.point([min(255, i + a) if i < 128 else i for i in range(256)] * 3),
+               "ColorIncreasing": lambda im, a: ImageEnhance.Color(im).enhance(a),
+               "ContrastIncreasing": lambda im, a: ImageEnhance.Contrast(im).enhance(a),
+               "BrightnessIncreasing": lambda im, a: ImageEnhance.Brightness(im).enhance(a),
+               "SharpnessIncreasing": lambda im, a: ImageEnhance.Sharpness(im).enhance(a),
+               "ShearX": lambda im, a: affine(im, (1, a, 0, 0, 1, 0)), "ShearY": lambda im, a: affine(im, (1, 0, 0, a, 1, 0)),
+               "TranslateXRel": lambda im, a: affine(im, (1, 0, a * im.size[0], 0, 1, 0)),
+               "TranslateYRel": lambda im, a: affine(im, (1, 0, 0, 0, 1, a * im.size[1]))}
+        arguments = {"Rotate": (21.0, -30.0), "PosterizeIncreasing": (2, 1), "SolarizeIncreasing": (77, 200),
+                     "SolarizeAdd": (77, 110), "ShearX": (0.21, -0.3), "ShearY": (-0.21, 0.3),
+                     "TranslateXRel": (0.315, -0.45), "TranslateYRel": (-0.315, 0.1)}
+        for name, (op, _) in data.RAND_AUGMENT_OPS.items():
+            for a in arguments.get(name, (1.63, 0.37) if name.endswith("Increasing") else (None,)):
+                ours = op(x, a)
+                self.assertEqual((ours.dtype, ours.shape), (torch.uint8, x.shape), name)
+                self.assertTrue(torch.equal(ours[0], ours[1]), name)  # the same op and argument in every frame
+                want = torch.from_numpy(np.array(pil[name](image, a))).permute(2, 0, 1).int()
+                diff = (ours[0].int() - want).abs().float()
+                if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+                    # torch's bicubic kernel (a = -0.75) against PIL's (a = -0.5): under 1 grey level on average,
+                    # and grey (128) exactly where PIL fills
+                    self.assertLess(diff.mean().item(), 1.0, (name, a))
+                    self.assertTrue(torch.equal((ours[0] == 128).all(0) | (want != 128).any(0),
+                                                torch.ones_like(diff[0], dtype=torch.bool)), (name, a))
+                else:  # rounding of the blends at most
+                    self.assertLessEqual(diff.max().item(), 1, (name, a))
+
+    def test_rand_augment_draws(self):
+        samples, magnitudes = [], []
+        recorded = {name: (lambda name: (lambda x, _: samples[-1].append(name) or x, magnitudes.append))(name)
+                    for name in data.RAND_AUGMENT_OPS}
+        torch.manual_seed(0)
+        with mock.patch.dict(data.RAND_AUGMENT_OPS, recorded):
+            for augment in [data.RandAugment(4, 7, 0.5)] * 6000:
+                samples.append([])
+                augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+        counts = np.bincount([len(s) for s in samples], minlength=5) / len(samples)  # Binomial(4, 1/2) ops applied
+        np.testing.assert_allclose(counts, [1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16], atol=0.02)
+        names = [name for s in samples for name in s]
+        per_op = np.array([names.count(n) for n in data.RAND_AUGMENT_OPS]) / len(samples)  # 4 x 1/2 x 1/15 each
+        np.testing.assert_allclose(per_op, 2 / 15, atol=0.025)
+        m = torch.tensor(magnitudes)  # one draw from N(7, 0.5) per applied op
+        self.assertAlmostEqual(m.mean().item(), 7.0, delta=0.02)
+        self.assertAlmostEqual(m.std().item(), 0.5, delta=0.02)
+        # ops drawn with replacement, as timm's np.random.choice(ops, 4): samples applying one op twice, as often
+        rng = np.random.default_rng(0)
+        official = [[op for op in rng.choice(15, 4) if rng.random() <= 0.5] for _ in range(6000)]
+        repeats = lambda draws: np.mean([len(set(d)) < len(d) for d in draws])  # noqa: E731
+        self.assertAlmostEqual(repeats(samples), repeats(official), delta=0.02)
+        self.assertGreater(repeats(samples), 0.05)
+        magnitudes.clear()
+        with mock.patch.dict(data.RAND_AUGMENT_OPS, recorded):
+            for augment in [data.RandAugment(1, 10, 3.0)] * 300:  # magnitudes clipped to [0, 10]
+                samples.append([])
+                augment(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+        self.assertEqual((min(magnitudes) >= 0, max(magnitudes)), (True, 10.0))
+
+    def test_rand_augment_is_one_draw_per_clip(self):
+        still = tv_tensors.Video(torch.from_numpy(smooth_frames(1, 32, 32)).permute(0, 3, 1, 2).repeat(6, 1, 1, 1))
+        # (6, 3, 32, 32): one frame six times
+        torch.manual_seed(0)
+        augment, changed = data.RandAugment(4, 7, 0.5), 0
+        for _ in range(30):
+            out = augment(still)
+            self.assertIsInstance(out, tv_tensors.Video)
+            self.assertTrue(all(torch.equal(out[0], frame) for frame in out))  # every frame the same ops and levels
+            changed += not torch.equal(out, still)
+        self.assertGreater(changed, 20)  # P(no op applied) = 1/16
+
+    def test_finetune_clips_spread_over_the_window(self):
+        def official(n, T, r, end=None):  # kinetics.py loadvideo_decord, one segment
+            converted = T * r
+            if n <= converted:
+                index = np.linspace(0, n, num=n // r)
+                index = np.concatenate((index, np.ones(T - n // r) * n))
+                return np.clip(index, 0, n - 1).astype(np.int64).tolist()
+            index = np.linspace(end - converted, end, num=T)
+            return np.clip(index, end - converted, end - 1).astype(np.int64).tolist()
+
+        torch.manual_seed(0)
+        indices = data.finetune_indices(1000, 16, 4)
+        self.assertEqual([i - indices[0] for i in indices], [0, 4, 8, 12, 17, 21, 25, 29, 34, 38, 42, 46, 51, 55, 59, 63])
+        for n in range(1, 200):
+            for T, r in ((16, 4), (8, 2), (4, 4), (5, 3)):
+                torch.manual_seed(n)
+                ours = data.finetune_indices(n, T, r)
+                torch.manual_seed(n)  # the window's end: np.random.randint(converted_len, seg_len), drawn by torch here
+                end = int(torch.randint(T * r, n, ())) if n > T * r else None
+                self.assertEqual(ours, official(n, T, r, end), (n, T, r))
+        torch.manual_seed(0)
+        ends = {data.finetune_indices(100, 4, 4)[-1] for _ in range(1000)}  # windows of 16 ending at 16 .. 99
+        self.assertEqual(ends, set(range(15, 99)))
+
+    def test_ssv2_segments(self):
+        def official_train_ranges(n, T):  # ssv2.py: randint(start, end + 1), inclusive and overlapping
+            d = float(n - 1) / T
+            return [(int(np.round(d * i)), int(np.round(d * (i + 1)))) for i in range(T)]
+
+        def official_views(n, T, V):  # ssv2.py test: all_index interleaved per segment, view ci = buffer[ci::V]
+            tick = float(n - 1) / T
+            step = tick / V
+            index = [(int(np.round(tick * i + step * ci)) + int(np.round(tick * i + step * (ci + 1)))) // 2
+                     for i in range(T) for ci in range(V)]
+            return [index[ci::V] for ci in range(V)]
+
+        torch.manual_seed(0)
+        for n, T in ((22, 4), (3, 4), (50, 8)):
+            seen = [set() for _ in range(T)]
+            for _ in range(400):
+                for slot, index in enumerate(data.finetune_indices(n, T, 4, "segment")):
+                    seen[slot].add(index)
+            self.assertEqual(seen, [set(range(a, b + 1)) for a, b in official_train_ranges(n, T)], (n, T))
+        for n in range(1, 300):
+            for T in (4, 8, 16):
+                for V in (2, 3):
+                    self.assertEqual([data.view_indices(n, T, 4, "segment", v, V) for v in range(V)],
+                                     official_views(n, T, V), (n, T, V))
+                tick = (n - 1) / T  # one view: the middles of the segments
+                self.assertEqual(data.view_indices(n, T, 4, "segment", 0, 1),
+                                 [(round(tick * i) + round(tick * (i + 1))) // 2 for i in range(T)], (n, T))
+
+    def test_erasing_fresh_noise_in_every_frame(self):
+        erase = data.finetune_augmentation(32, flip=False, rand_augment=None, erase_prob=1.0, crop_scale=1.0).transforms[-1]
+        torch.manual_seed(0)
+        areas = []
+        for _ in range(200):
+            out = erase(tv_tensors.Video(torch.zeros(4, 3, 32, 32)))
+            box = out != 0
+            self.assertTrue(all(torch.equal(box[0], b) for b in box))  # one box for the clip (timm's cube mode)
+            self.assertFalse(torch.equal(out[0], out[1]))  # fresh per-pixel noise in each frame ('pixel' mode)
+            areas.append(box[0, 0].float().mean().item())
+        self.assertGreater(min(areas), 0.015)  # timm's min_area 0.02, max_area 1/3 (rounded sides)
+        self.assertLess(max(areas), 0.36)
+        self.assertGreater(max(areas), 0.3)
+        self.assertEqual((erase.scale, erase.ratio), ((0.02, 1 / 3), (0.3, 1 / 0.3)))
+
+    def test_no_antialiasing_in_the_training_crop_and_the_test_resize(self):
+        # the official crop interpolates bilinearly (F.interpolate) and the test resize is cv2's INTER_LINEAR
+        crop = [t for t in data.finetune_augmentation(32).transforms if isinstance(t, v2.RandomResizedCrop)][0]
+        self.assertFalse(crop.antialias)
+        dataset = self.dataset(mode="test", test_num_segment=1, test_num_crop=1, input_size=16, short_side_size=16)
+        frames = data.read_frames(dataset.items[0][0], [0, 2, 4, 6]).permute(0, 3, 1, 2)  # 48 x 64 -> 16 x 21
+        resized = v2.functional.resize(frames, [16], antialias=False)
+        left = (resized.shape[-1] - 16) // 2
+        expected = data.normalize(resized[..., left:left + 16]).transpose(0, 1)
+        torch.testing.assert_close(dataset[(0, 0)]["video"], expected, atol=1e-5, rtol=0)
+        smoothed = data.normalize(v2.functional.resize(frames, [16], antialias=True)[..., left:left + 16])
+        self.assertGreater((smoothed.transpose(0, 1) - expected).abs().max().item(), 0.01)  # the test tells them apart
+
+    def test_weight_decay_groups_per_stage(self):
+        def official(model, skip):  # optim_factory.get_parameter_groups / timm's add_weight_decay
+            return {name: not (p.ndim == 1 or name.endswith(".bias") or name in skip)
+                    for name, p in model.named_parameters()}
+
+        def ours(model, **kwargs):
+            decays = {id(p): g["weight_decay"] > 0 for g in M.param_groups(model, 0.05, **kwargs) for p in g["params"]}
+            return {name: decays[id(p)] for name, p in model.named_parameters()}
+
+        videomae_skip = {"pos_embed", "cls_token", "mask_token"}  # VideoMAE's and the MVD student's no_weight_decay()
+        image_mae = _m_image_mae(0)
+        self.assertEqual(ours(image_mae, skip=()), official(image_mae, ()))  # MAE: add_weight_decay, no skip list
+        self.assertTrue(ours(image_mae, skip=())["cls_token"] and ours(image_mae, skip=())["mask_token"])
+        video_mae = _m_video_mae(0)
+        self.assertEqual(ours(video_mae, skip=("mask_token",)), official(video_mae, videomae_skip))
+        self.assertFalse(ours(video_mae, skip=("mask_token",))["mask_token"])
+        student = _m_student(0)
+        self.assertEqual(ours(student), official(student, videomae_skip))
+        self.assertTrue(ours(student)["mask_token_img"] and ours(student)["mask_token_vid"])
+        classifier = _m_classifier(0, depth=2)  # VisionTransformer's {'pos_embed', 'cls_token'}
+        self.assertEqual(ours(classifier, layer_decay=0.75, depth=2), official(classifier, {"pos_embed", "cls_token"}))
+        # what the image-MAE stage hands AdamW
+        with self.adamw_groups() as decays:
+                raw, _ = run_stage(pretrain_mae, {"--mode": "image", "--model": "vit_tiny", "--depth": 1, "--input_size": 32,
+                                              "--batch_size": 2, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0,
+                                              "--data_path": self.list_path, "--data_root": self.root,
+                                              "--output_dir": os.path.join(self.tmp, "image")})
+        self.assertEqual({name: decays[id(p)] for name, p in raw.named_parameters()}, official(raw, ()))
+
+    @contextlib.contextmanager
+    def adamw_groups(self):
+        """{id(parameter): decays?} of the groups a stage hands torch.optim.AdamW."""
+        decays, real = {}, torch.optim.AdamW
+
+        def spy(groups, **kwargs):
+            decays.update({id(p): g["weight_decay"] > 0 for g in groups for p in g["params"]})
+            return real(groups, **kwargs)
+
+        with mock.patch("torch.optim.AdamW", side_effect=spy):
+            yield decays
+
+    def test_a_vit_h_like_image_teacher_with_both_teachers(self):
+        # the official ViT-H configuration at tiny scale: student 64 px / patch 16 (4x4), image teacher 56 px / patch 14
+        # (4x4, its own copy of the crop), video teacher on the student's clip (64 px, patch 16)
+        teachers = {}
+        for kind, teacher, patch in (("image", M.ImageMAE("vit_tiny", 56, 14, decoder_depth=0, depth=1), 14),
+                                     ("video", M.VideoMAE("vit_tiny", 4, 64, 16, decoder_depth=0, depth=1), 16)):
+            teachers[f"--{kind}_teacher"] = os.path.join(self.tmp, f"{kind}_teacher.pth")
+            M.save_checkpoint(teachers[f"--{kind}_teacher"], model=teacher.state_dict(),
+                              args={"model": "vit_tiny", "depth": 1, "patch_size": patch})
+        options = {"--model": "vit_tiny", "--depth": 1, "--input_size": 64, "--patch_size": 16, "--num_frames": 4,
+                   "--sampling_rate": 2, "--teacher_input_size": 56, "--teacher_patch_size": 14, "--batch_size": 2,
+                   "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0, "--decoder_depth": 1,
+                   "--data_path": self.list_path, "--data_root": self.root, **teachers,
+                   "--output_dir": os.path.join(self.tmp, "vit_h")}
+        seen = {}
+        real = distill.teacher_features
+
+        def spy(teacher, video, norm_feature):
+            seen[type(teacher).__name__] = tuple(video.shape)
+            return real(teacher, video, norm_feature)
+
+        with mock.patch.object(distill, "teacher_features", spy), self.adamw_groups() as decays:
+            student, printed = run_stage(distill, options)
+        self.assertEqual(seen, {"ImageMAE": (2, 3, 4, 56, 56), "VideoMAE": (2, 3, 4, 64, 64)})
+        self.assertTrue(math.isfinite(read_log(os.path.join(self.tmp, "vit_h"))[-1]["train_loss"]))
+        self.assertIn(f"min_lr {1e-4 * 2 / 256:.3g}", printed)  # with --data_path: the official 1e-4, scaled
+        # the student's groups as the official distillation's: mask_token_img / _vid decay
+        self.assertTrue(decays[id(student.mask_token_img)] and decays[id(student.mask_token_vid)])
+        pictures, _ = run_visualize("distill.py", {**options, "--visualize": 1})
+        self.assertEqual(len(pictures), 1)
+
+    def test_cutmix_difference_is_stated(self):
+        doc = " ".join(data.mixup_cutmix.__doc__.split())
+        details = " ".join(open(os.path.join(HERE, "docs", "details.md")).read().split())
+        for text in (doc, details):
+            self.assertIn("60%", text)  # of CutMix draws move no pixel in the official (224 px, 16 frames)
+            self.assertIn("32%", text)  # the partner's label mass, all draws
+        self.assertNotIn("like timm's Mixup in the official code", doc)
 
 
 class TestListsAndBadFiles(DatasetCase):
@@ -2714,6 +3032,7 @@ class TestPretrainMAE(unittest.TestCase):
         self.assertEqual((distill.get_args([]).drop_path, finetune.get_args([]).drop_path,
                           finetune.get_args(["--linear_probe"]).drop_path), (0.1, 0.1, 0.0))
         self.assertEqual((pretrain_mae.get_args([]).min_lr, finetune.get_args([]).min_lr), (1e-5, 1e-6))
+        self.assertEqual((pretrain_mae.get_args(["--mode", "image"]).min_lr, distill.get_args([]).min_lr), (0.0, 1e-5))
 
     def test_decoder_width_not_divisible_by_heads_is_one_clear_error(self):
         with self.assertRaisesRegex(ValueError, "not divisible by 3 heads"):
@@ -3473,9 +3792,9 @@ class TestFinetune(unittest.TestCase):
             seen.append(args)
             return real(*args)
 
-        cases = [(dict(), (32, True, (4, 7), 0.25, 0.08)),  # the official recipe: RandAugment m7 n4, erasing, flip
-                 (dict(aa="rand-m9-n2-mstd0.5", reprob=0.5, flip=False, crop_scale=0.5), (32, False, (2, 9), 0.5, 0.5)),
-                 (dict(data_set="SSV2"), (32, False, (4, 7), 0.25, 0.08)),  # SSv2: no flip
+        cases = [(dict(), (32, True, (4, 7, 0.5), 0.25, 0.08)),  # the official: RandAugment m7 n4 mstd0.5, erasing, flip
+                 (dict(aa="rand-m9-n2-inc1", reprob=0.5, flip=False, crop_scale=0.5), (32, False, (2, 9, 0.0), 0.5, 0.5)),
+                 (dict(data_set="SSV2"), (32, False, (4, 7, 0.5), 0.25, 0.08)),  # SSv2: no flip
                  (dict(linear_probe=None), (32, True, None, 0.0, 0.08))]  # MAE's linear probe: crop and flip only
         for n, (changes, want) in enumerate(cases):
             if changes.get("flip") is False:
@@ -3487,7 +3806,7 @@ class TestFinetune(unittest.TestCase):
         ops = [type(t).__name__ for t in real(32, True, None, 0.0).transforms]
         self.assertEqual(ops, ["ToDtype", "Normalize", "RandomResizedCrop", "RandomHorizontalFlip"])
         ops = [type(t).__name__ for t in real(32, False).transforms]
-        self.assertEqual(ops, ["RandAugment", "ToDtype", "Normalize", "RandomResizedCrop", "RandomErasing"])
+        self.assertEqual(ops, ["RandAugment", "ToDtype", "Normalize", "RandomResizedCrop", "EraseClip"])
         err = io.StringIO()
         with contextlib.redirect_stderr(err), self.assertRaises(SystemExit):
             finetune.get_args(["--aa", "autoaugment"])

@@ -139,11 +139,11 @@ def student_pictures(args, env, checkpoint):
     mask = torch.stack([data.tube_mask(student.grid, args.mask_ratio, torch.Generator().manual_seed(args.seed + i))
                         for i in range(len(paths))])  # (n, N): the masks of the VideoMAE's pictures
     video = video.to(env.device)
-    teacher_video = video if args.teacher_input_size == args.input_size else F.interpolate(
-        video, size=(args.num_frames, args.teacher_input_size, args.teacher_input_size), mode="trilinear")
+    clips = {"vid": video, "img": video if args.teacher_input_size == args.input_size else F.interpolate(
+        video, size=(args.num_frames, args.teacher_input_size, args.teacher_input_size), mode="trilinear")}
     with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
         preds = dict(zip(("img", "vid"), student.eval()(video, mask.to(env.device))))
-        feats = {name: distill.teacher_features(t, teacher_video, args.norm_feature) for name, t in teachers.items()}
+        feats = {name: distill.teacher_features(t, clips[name], args.norm_feature) for name, t in teachers.items()}
     paint = functools.partial(paint_tokens, grid=student.grid, p=student.patch_size, tubelet=student.tubelet_size)
     frames = to_pixels(video)[:, :, ::2].transpose(1, 2).cpu()  # (n, T/2, 3, S, S)
     pictures = [[(f"{os.path.basename(path)}: EVERY 2ND FRAME", frames[i]),
