@@ -1968,6 +1968,12 @@ class TestPrepare(unittest.TestCase):
         rerun = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
         self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
         self.check_prepared(out, 24)
+        # where the kernel does not kill it with its parent, a worker checks its parent before the rename
+        source, target = os.path.join(os.path.dirname(out), "0.mp4"), os.path.join(out, "orphan", "0.mp4")
+        settings = dict(short_side=64, keyframe_interval=16, crf=18, x264=tools_prepare.PREPARE_X264)
+        self.assertEqual(tools_prepare._prepare_video((source, target, 0), **settings),  # pid 0: not its parent
+                         (source, None, f"cannot write {target}: ProcessLookupError: the run (pid 0) is gone"))
+        self.assertEqual(os.listdir(os.path.dirname(target)), [])
 
     def test_bench_prints_a_line_per_configuration_and_prepares_only_what_it_times(self):
         """What a user divides by: clips_per_s_per_core counts every clip timed, num_sample of them per decoded video.

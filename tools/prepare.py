@@ -62,9 +62,9 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
         raise ValueError(f"{output_dir} holds copies prepared with other settings ({record}): prepare into "
                          "another folder, or give the same --short_side, --keyframe_interval and --crf")
     _write_atomically(record, json.dumps(settings))
-    for folder, _, files in os.walk(output_dir):  # what killed runs left half-written (we hold the folder: no one
-        for name in files:  # else is writing)
-            if name.endswith(".part"):
+    for folder, _, files in os.walk(output_dir):  # copies killed runs left half-written (we hold the folder: no
+        for name in files:  # one else is writing)
+            if name.endswith(".part") and ".mp4." in name:
                 os.unlink(os.path.join(folder, name))
     jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name), os.getpid())
                    for path, name in copy.items() if not os.path.exists(os.path.join(output_dir, name))})
