@@ -1880,6 +1880,12 @@ class TestPrepare(unittest.TestCase):
                                                     f"{os.path.join(out, 'x.mp4' if first == 'x.mp4' else 'a.mp4')}: "
                                                     "rename one of them")
             self.assertFalse(os.path.exists(out))  # before any work
+        data.write_video(os.path.join(src, "in", "v.mp4"), smooth_frames(8, 32, 32))  # one file named twice: one copy
+        lst = write_list(os.path.join(src, "list.csv"), ["v.mp4 0", "./v.mp4 1"])
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            tools_prepare.prepare(lst, os.path.join(src, "in"), os.path.join(src, "out"), num_workers=0)
+        self.assertIn("preparing 1 of 1 videos", printed.getvalue())
+        self.assertEqual(data.read_list(os.path.join(src, "out", "list.csv")), [("v.mp4", 0), ("v.mp4", 1)])
 
     def test_one_record_per_list_and_a_corrupt_settings_record_is_no_record(self):
         src = tempfile.mkdtemp(dir=TMP)

@@ -66,9 +66,9 @@ def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=
         for name in files:  # one else is writing)
             if name.endswith(".part") and ".mp4." in name:
                 os.unlink(os.path.join(folder, name))
-    jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name), os.getpid())
-                   for path, name in copy.items() if not os.path.exists(os.path.join(output_dir, name))})
-    print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")
+    jobs = sorted((source, os.path.join(output_dir, name), os.getpid()) for name, (_, source) in sources.items()
+                  if not os.path.exists(os.path.join(output_dir, name)))  # one job a copy (a.mp4 and ./a.mp4: one)
+    print(f"preparing {len(jobs)} of {len(sources)} videos into {output_dir} ({len(sources) - len(jobs)} done before)")
     results = DataLoader(jobs, batch_size=None, collate_fn=functools.partial(_prepare_video, **settings),
                          num_workers=os.cpu_count() if num_workers is None else num_workers,
                          worker_init_fn=_die_with_parent)  # without batching, collate_fn is applied to each job
