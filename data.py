@@ -1,5 +1,5 @@
-"""From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders, a synthetic set, and
-preparing a data set for training (--prepare).
+"""From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders and a synthetic set
+(preparing a data set and the loader's benchmark: tools/prepare.py, tools/bench_loader.py).
 
 Conventions (see SPEC.md):
   a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front. Pretraining
@@ -12,7 +12,6 @@ RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x
 samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
 """
 import argparse
-import contextlib
 import fcntl
 import fractions
 import functools
@@ -21,8 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
-import time
 
 import av
 import numpy as np
@@ -71,6 +68,8 @@ def _video_stream(container, path):
     if not container.streams.video:
         raise ValueError(f"{path}: no video stream")
     stream = container.streams.video[0]
+    if not (stream.width and stream.height):  # e.g. a PNG signature and zeros: FFmpeg opens a picture of no pixels
+        raise ValueError(f"{path}: frames of {stream.width}x{stream.height} pixels")
     # Frame- and slice-threaded decoding on as many threads as torch uses: all cores in the main process, one in a
     # loader worker (as many workers as cores is what feeds a GPU; more threads per worker would only contend).
     stream.thread_type = "AUTO"
@@ -768,92 +767,7 @@ def use_synthetic_set(args, list_name):
     args.data_path, args.data_root = os.path.join(args.synthetic_root, list_name), args.synthetic_root
 
 
-# ------------------------------------------------------------------------------------------ preparing a data set
-# x264 settings of prepared copies, each measured on the reader (docs/speed.md): the fast-decode tune (CAVLC instead of
-# CABAC, no deblocking filter) decodes 2-3x faster for ~15% more bytes; 3 B-frames between P-frames always (b-adapt=0),
-# none of them a reference (no B-pyramid), so that a clip that takes every 4th frame skips 3 frames in 4 between the
-# ones it needs. One encoder thread: prepare() runs a process per core.
-PREPARE_X264 = {"tune": "fastdecode", "preset": "fast", "threads": "1",
-                "x264-params": "b-adapt=0:bframes=3:b-pyramid=none"}
-
-
-def prepare(list_path, data_root, output_dir, short_side=320, keyframe_interval=32, crf=18, num_workers=None):
-    """Re-encode every video of a list for training into output_dir, with a list of the copies there (same file name
-    and labels; the originals are not touched). -> the new list's path. A copy is H.264 (PREPARE_X264) in mp4 with the
-    same frames, its short side at most `short_side` (never enlarged), a keyframe every `keyframe_interval` frames so
-    that a clip decodes from a keyframe just before it; num_workers processes (default: one per core). Unreadable
-    inputs are listed in output_dir/unreadable.txt. Every copy is verified (it decodes to its original's frame count)
-    before it takes its final name: a run killed at any moment can run again, finished copies are kept."""
-    settings = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, x264=PREPARE_X264)
-    os.makedirs(output_dir, exist_ok=True)
-    record = os.path.join(output_dir, "prepare.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            if json.load(f) != settings:
-                raise ValueError(f"{output_dir} holds copies prepared with other settings ({record}): prepare into "
-                                 "another folder, or give the same --short_side, --keyframe_interval and --crf")
-    else:
-        _write_atomically(record, json.dumps(settings))
-    entries = read_list(list_path)
-    copy = {path: os.path.normpath(path).lstrip(os.sep).replace(".." + os.sep, "").removesuffix(".mp4") + ".mp4"
-            for path, _ in entries}  # the list's path -> the copy's, under output_dir: a.webm -> a.webm.mp4, a.mp4 too
-    jobs = sorted({(os.path.join(data_root, path), os.path.join(output_dir, name)) for path, name in copy.items()
-                   if not os.path.exists(os.path.join(output_dir, name))})
-    print(f"preparing {len(jobs)} of {len(copy)} videos into {output_dir} ({len(copy) - len(jobs)} done before)")
-    results = in_parallel(functools.partial(_prepare_video, **settings), jobs,
-                          os.cpu_count() if num_workers is None else num_workers)
-    unreadable, begin = [], time.time()
-    for done, (source, error) in enumerate(results, 1):
-        if error:
-            unreadable.append(f"{source}\t{error}")
-            print(f"skipping unreadable file {source} ({error[:200]})", flush=True)
-        if done % 100 == 0 or done == len(jobs):
-            rate = done / (time.time() - begin)
-            print(f"prepared {done}/{len(jobs)} ({len(unreadable)} unreadable), {rate:.1f} videos/s, "
-                  f"{(len(jobs) - done) / rate:.0f} s left", flush=True)
-    _write_atomically(os.path.join(output_dir, "unreadable.txt"), "".join(line + "\n" for line in unreadable))
-    new_list = os.path.join(output_dir, os.path.basename(list_path))
-    kept = [f"{copy[p]} {label}\n" for p, label in entries if os.path.exists(os.path.join(output_dir, copy[p]))]
-    _write_atomically(new_list, "".join(kept))
-    left_out = f", {len(entries) - len(kept)} left out: unreadable.txt says why" if len(kept) < len(entries) else ""
-    print(f"{new_list}: {len(kept)} of {len(entries)} videos{left_out}; train with --data_path {new_list} "
-          f"--data_root {output_dir}")
-    return new_list
-
-
-def _prepare_video(job, short_side, keyframe_interval, crf, x264):
-    """(source, target) -> (source, None or why it failed). Writes source's frames to target as H.264 in mp4, resized
-    (by swscale, area) to a short side of at most short_side with even sides (yuv420p), one frame for each decoded
-    frame at the source's average rate (frame i of the copy is frame i of the source). The copy's colours are in the
-    BT.601 matrix and limited range, what a reader assumes of an untagged stream: a source in BT.709 (most HD
-    footage) or full range (JPEG, PNG, RGB) is converted from what its frames say, not copied number for number."""
-    source, target = job
-    partial = target + ".part"
-    try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with av.open(source) as container:
-            stream = _video_stream(container, source)
-            scale = min(1.0, short_side / min(stream.width, stream.height))
-            width, height = (max(2, round(side * scale / 2) * 2) for side in (stream.width, stream.height))
-            frames = (frame.reformat(width, height, "yuv420p", interpolation="AREA", dst_colorspace="ITU601",
-                                     dst_color_range="MPEG", threads=1) for frame in container.decode(stream))
-            count = write_video(partial, frames, stream.average_rate or stream.guessed_rate or 30, "libx264",
-                                {**x264, "g": str(keyframe_interval), "crf": str(crf)}, format="mp4")
-        if not count:
-            raise ValueError("no frames decoded")
-        with av.open(partial, format="mp4") as container:  # verify: every frame decodes
-            if sum(1 for _ in container.decode(video=0)) != count:
-                raise ValueError(f"the copy does not decode to the original's {count} frames")
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes its final name
-        os.replace(partial, target)
-        return source, None
-    except UNREADABLE as error:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        return source, f"{type(error).__name__}: {error}"
-
-
+# ---------------------------------------------------------------------------------------- writing files safely
 def _write_atomically(path, text):
     """Write a small file whole or not at all: a temporary name unique to this process, synced, then renamed."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -893,100 +807,13 @@ def hold_folder(folder, flag="--output_dir"):
     _HELD[path] = handle
 
 
-# ----------------------------------------------------------------------------------------------- benchmark
-def benchmark_set(root, bitrate="low", num_videos=10):
-    """10-second 340x256 30-fps H.264 videos at x264's defaults (keyframes 250 frames apart), made once. "low": the
-    synthetic set's objects over a panning background with sensor noise (~135 kbit/s); "high": an image of random
-    noise panning 3 px a frame (~570 kbit/s, 66 kB keyframes). -> (list path, root)."""
-    root = os.path.join(root, bitrate)
-    list_path = os.path.join(root, f"bench{num_videos}.csv")
-    if not os.path.exists(list_path):  # written last: its presence means the set is complete
-        os.makedirs(root, exist_ok=True)
-        for i in range(num_videos):
-            rng = np.random.default_rng(i)
-            if bitrate == "low":
-                frames = render_video(rng, 256, 340, 300, i % 4, i // 4 % 4, (0, 1), noise=4.0)
-            else:
-                noise = rng.integers(0, 256, (256, 340 + 3 * 300, 3), dtype=np.uint8)
-                frames = np.stack([noise[:, 3 * t:3 * t + 340] for t in range(300)])
-            write_video(os.path.join(root, f"{i}.mp4"), frames, fps=30)
-        _write_atomically(list_path, "".join(f"{i}.mp4 0\n" for i in range(num_videos)))
-    return list_path, root
-
-
-def benchmark(data_path, data_root, num_clips=40, num_sample=2):
-    """--bench: clips per second and core of the pretraining loader (decode, sample, the distillation transform and
-    mask, collate), one process, one thread, on the list's files and on copies that prepare() makes in a temporary
-    folder, at num_sample 1 and at num_sample; the first also with the whole video decoded first (the slow reference).
-    The configurations take turns video by video, so that a busy machine slows all alike. -> a dict for each."""
-    torch.set_num_threads(1)  # the decoder's threads follow torch's (_video_stream)
-    with tempfile.TemporaryDirectory() as folder:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
-            lists = {"original": (data_path, data_root), "prepared": (prepare(data_path, data_root, folder), folder)}
-        lines = [dict(files=files, num_sample=r) for files in lists for r in (1, num_sample)]
-        datasets = [VideoDataset(*lists[line["files"]], num_frames=16, sampling_rate=4, input_size=224,
-                                 num_sample=line["num_sample"]) for line in lines + lines[:1]]
-        datasets[-1].reader = functools.partial(read_frames, decode_all=True)
-        seconds, clips = [0.0] * len(datasets), [0] * len(datasets)
-        for i in range(-1, num_clips):  # -1: a warm-up round, not timed
-            for k, dataset in enumerate(datasets):
-                if clips[k] < num_clips:
-                    begin = time.perf_counter()
-                    collate_samples([dataset[(max(i, 0) % len(dataset), max(i, 0) // len(dataset))]])
-                    seconds[k] += (time.perf_counter() - begin) * (i >= 0)
-                    clips[k] += dataset.num_sample * (i >= 0)
-    rates = [round(n / t, 2) for n, t in zip(clips, seconds)]
-    for line, rate in zip(lines, rates):
-        line["clips_per_s_per_core"] = rate
-    lines[0].update(clips_per_s=rates[0], decode_all_clips_per_s=rates[-1])
-    return lines
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Data pipeline of MVD-minimal: --prepare re-encodes a data set for "
-                                     "training, --bench measures the loader, --synthetic writes the demo set.")
-    parser.add_argument("--prepare", metavar="OUT_DIR", help="re-encode every video of --data_path into OUT_DIR for "
-                        "training, with a list of the copies and the same labels there (the originals are not "
-                        "touched; run it again after an interruption: finished copies are kept)")
-    parser.add_argument("--short_side", type=int, default=320, help="--prepare: the copies' short side at most "
-                        "(never enlarged). The pretraining crop takes 0.66-1 of the short side and resizes it to 224 "
-                        "px, so 320 (VideoMAE's and MVD's Kinetics) keeps every crop at 211 px or more; more is "
-                        "decoded, not seen")
-    parser.add_argument("--keyframe_interval", type=int, default=32, help="--prepare: frames from one keyframe to "
-                        "the next. A clip decodes from the keyframe before it: at 32, a clip of 16 frames 4 apart (61 "
-                        "frames) reads 16 frames before it on average, 4 of them references, where x264's default of "
-                        "250 makes it read ~125")
-    parser.add_argument("--crf", type=int, default=18, help="--prepare: x264's quality, lower is better and larger "
-                        "(18: 40-44 dB PSNR against the original on smooth footage)")
-    parser.add_argument("--num_workers", type=int, help="--prepare: processes (default: one per core)")
-    parser.add_argument("--bench", action="store_true", help="print JSON lines of clips/s per core of the loader")
-    parser.add_argument("--data_path", help="video list to prepare or benchmark on; --bench's default: generated "
-                                            "10-s 340x256 videos")
-    parser.add_argument("--data_root", default="", help="directory the list's paths are relative to")
-    parser.add_argument("--bench_set", choices=["low", "high"], default="low",
-                        help="without --data_path: low- or high-bitrate generated videos (data.benchmark_set)")
-    parser.add_argument("--num_clips", type=int, default=40, help="clips timed per configuration")
-    parser.add_argument("--num_sample", type=int, default=2, help="clips per decoded video timed beside 1")
-    parser.add_argument("--synthetic", metavar="ROOT", help="write the synthetic set (the stages' default) to ROOT")
+    parser = argparse.ArgumentParser(description="Writes the synthetic set, the stages' demo data. Preparing a data set "
+                                     "and the loader's benchmark: tools/prepare.py, tools/bench_loader.py.")
+    parser.add_argument("--synthetic", metavar="ROOT", required=True, help="write the synthetic set to ROOT")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
     parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
     parser.add_argument("--synthetic_val", type=float, default=0.25, help="fraction of them held out in val.csv")
     args = parser.parse_args()
-    if not (args.bench or args.synthetic or args.prepare):
-        parser.error("nothing to do: pass --prepare OUT_DIR, --bench or --synthetic ROOT")
-    if args.prepare and not args.data_path:
-        parser.error("--prepare needs --data_path: the list of videos to prepare (and --data_root if it is relative)")
-    if args.prepare:
-        try:
-            prepare(args.data_path, args.data_root, args.prepare, args.short_side, args.keyframe_interval, args.crf,
-                    args.num_workers)
-        except ValueError as e:
-            sys.exit(f"data.py: error: {e}")
-    if args.synthetic:
-        print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
-                                            val_fraction=args.synthetic_val)))
-    if args.bench:
-        lists = (args.data_path, args.data_root) if args.data_path else benchmark_set(
-            os.path.join(tempfile.gettempdir(), "mvd_bench_videos"), args.bench_set)
-        for line in benchmark(*lists, args.num_clips, args.num_sample):
-            print(json.dumps(line), flush=True)
+    print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
+                                        val_fraction=args.synthetic_val)))

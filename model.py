@@ -888,7 +888,7 @@ def checkpoint_to_resume(args):
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
-                   "process, the lr scales with clips; an epoch still reads each video once (python data.py --bench: "
+                   "process, the lr scales with clips; an epoch still reads each video once (tools/bench_loader.py: "
                    "R=2 is 1.3-1.4x the clips a core on unprepared videos)")
 
 

@@ -2176,8 +2176,21 @@ def luma(frames):
     return frames.double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
 
 
+sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
+import bench_loader  # noqa: E402
+import prepare as tools_prepare  # noqa: E402
+
+
+def no_pixels(path):
+    """A file FFmpeg opens as a picture of 0x0 pixels: a PNG signature followed by zeros."""
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(2000))
+    return path
+
+
 class TestPrepare(unittest.TestCase):
-    """python data.py --prepare: copies for training, short keyframe intervals, the same frames and labels."""
+    """python tools/prepare.py: copies for training, short keyframe intervals, the same frames and labels; bad
+    inputs listed, our own errors stopping the run, one run at a time; and tools/bench_loader.py's figures."""
 
     @classmethod
     def setUpClass(cls):
@@ -2197,7 +2210,7 @@ class TestPrepare(unittest.TestCase):
         options = {**dict(short_side=48, keyframe_interval=8, crf=18, num_workers=2), **changes}
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            new_list = data.prepare(self.list, self.src, out, **options)
+            new_list = tools_prepare.prepare(self.list, self.src, out, **options)
         return new_list, printed.getvalue()
 
     def test_copies_have_the_frames_labels_and_keyframes_asked_for(self):
@@ -2207,7 +2220,7 @@ class TestPrepare(unittest.TestCase):
         self.assertEqual(new_list, os.path.join(out, "train.csv"))
         self.assertEqual(data.read_list(new_list), [("a/numbers.mp4", 0), ("b/smooth.webm.mp4", 1), ("c/odd.avi.mp4", 3),
                                                     ("a/numbers.mp4", 5)])
-        with open(os.path.join(out, "unreadable.txt")) as f:
+        with open(os.path.join(out, "unreadable-train.txt")) as f:
             self.assertEqual(sorted(line.split("\t")[0] for line in f), [os.path.join(self.src, "broken.mp4"),
                                                                          os.path.join(self.src, "gone.mp4")])
         self.assertIn("4 of 6 videos, 2 left out", printed)
@@ -2232,13 +2245,13 @@ class TestPrepare(unittest.TestCase):
         # run again: finished copies are kept, the unreadable ones tried again; a half-written file never counts
         mtimes = {copy: os.path.getmtime(os.path.join(out, copy)) for copy in ("a/numbers.mp4", "b/smooth.webm.mp4")}
         os.unlink(os.path.join(out, "c/odd.avi.mp4"))
-        with open(os.path.join(out, "c/odd.avi.mp4.part"), "wb") as f:
+        with open(os.path.join(out, "c/odd.avi.mp4.12345.part"), "wb") as f:
             f.write(b"half a file")  # what a run killed while writing leaves
         _, printed = self.prepare(out)
         self.assertIn("preparing 3 of 5 videos", printed)  # odd.avi, broken.mp4, gone.mp4
         self.assertEqual({c: os.path.getmtime(os.path.join(out, c)) for c in mtimes}, mtimes)
         self.assertEqual(data.video_num_frames(os.path.join(out, "c/odd.avi.mp4")), 30)
-        self.assertFalse(os.path.exists(os.path.join(out, "c/odd.avi.mp4.part")))
+        self.assertEqual([f for _, _, files in os.walk(out) for f in files if f.endswith(".part")], [])
         with self.assertRaisesRegex(ValueError, "other settings"):  # copies of other settings are not mixed in
             self.prepare(out, keyframe_interval=16)
 
@@ -2262,7 +2275,7 @@ class TestPrepare(unittest.TestCase):
         list_path = write_list(os.path.join(src, "list.csv"), ["bt709.mp4 0", "full.mp4 1"])
         out = os.path.join(src, "prepared")
         with contextlib.redirect_stdout(io.StringIO()):
-            data.prepare(list_path, src, out, short_side=48, num_workers=0)
+            tools_prepare.prepare(list_path, src, out, short_side=48, num_workers=0)
         for name in ("bt709.mp4", "full.mp4"):  # (copied number for number, these read back at 27 dB)
             original = data.read_frames(os.path.join(src, name), range(12))
             self.assertGreater(psnr(luma(original), luma(torch.from_numpy(frames))), 35, name)  # the tags are read
@@ -2284,8 +2297,8 @@ class TestPrepare(unittest.TestCase):
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
         with contextlib.redirect_stdout(io.StringIO()):
-            data.prepare(write_list(os.path.join(src, "list.csv"), ["phone.mp4 0"]), src, os.path.join(src, "out"),
-                         short_side=48, num_workers=0)
+            tools_prepare.prepare(write_list(os.path.join(src, "list.csv"), ["phone.mp4 0"]), src,
+                                  os.path.join(src, "out"), short_side=48, num_workers=0)
         copy, original = (os.path.join(src, *name) for name in (("out", "phone.mp4"), ("phone.mp4",)))
         with data.av.open(copy) as container:
             self.assertEqual(next(container.decode(video=0)).rotation, 90)
@@ -2297,7 +2310,7 @@ class TestPrepare(unittest.TestCase):
             data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(48, 64, 64, seed=i))
         lst = write_list(os.path.join(src, "all.csv"), [f"{i}.mp4 {i % 3}" for i in range(24)])
         out = os.path.join(src, "prepared")
-        command = [sys.executable, "data.py", "--prepare", out, "--data_path", lst, "--data_root", src,
+        command = [sys.executable, "tools/prepare.py", out, "--data_path", lst, "--data_root", src,
                    "--num_workers", "1", "--keyframe_interval", "16"]
         process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
@@ -2316,29 +2329,227 @@ class TestPrepare(unittest.TestCase):
         self.assertIn(f"preparing {24 - len(done)} of 24 videos", rerun.stdout)
         self.assertEqual(data.read_list(os.path.join(out, "all.csv")), [(f"{i}.mp4", i % 3) for i in range(24)])
         self.assertEqual(sorted(f for f in os.listdir(out) if not f.endswith(".mp4")),
-                         ["all.csv", "prepare.json", "unreadable.txt"])
+                         [".lock", "all.csv", "prepare.json", "unreadable-all.txt"])
         for i in range(24):
             self.assertEqual(data.video_num_frames(os.path.join(out, f"{i}.mp4")), 48)
 
-    def test_cli_needs_a_list(self):
-        cli = subprocess.run([sys.executable, "data.py", "--prepare", os.path.join(TMP, "nowhere")], cwd=HERE,
-                             capture_output=True, text=True, timeout=60)
+    def test_cli_needs_a_list_and_runs_from_any_folder(self):
+        cli = subprocess.run([sys.executable, os.path.join(HERE, "tools", "prepare.py"), os.path.join(TMP, "nowhere")],
+                             cwd=TMP, capture_output=True, text=True, timeout=60)
         self.assertEqual(cli.returncode, 2)
-        self.assertIn("--prepare needs --data_path", cli.stderr)
+        self.assertIn("the following arguments are required: --data_path", cli.stderr)
 
-    def test_bench_prints_a_line_per_configuration(self):
+    def test_a_file_of_no_pixels_is_unreadable_in_training_and_skipped_by_preparation(self):
+        """FFmpeg opens a PNG signature followed by zeros as a 0x0 picture: preparation divided by its short side (a
+        ZeroDivisionError ended every run). data._video_stream refuses it for both: training and preparation skip it."""
         src = tempfile.mkdtemp(dir=TMP)
-        for i in range(2):
+        bad = no_pixels(os.path.join(src, "zero.mp4"))
+        for read in (lambda: data.read_frames(bad, [0, 1]), lambda: data.video_num_frames(bad)):
+            with self.assertRaisesRegex(data.UNREADABLE, r"zero\.mp4: frames of 0x0 pixels"):
+                read()
+        data.write_video(os.path.join(src, "good.mp4"), smooth_frames(8, 32, 32))
+        lst = write_list(os.path.join(src, "train.csv"), ["zero.mp4 0", "good.mp4 1"])
+        out = os.path.join(src, "out")
+        with contextlib.redirect_stdout(io.StringIO()):
+            tools_prepare.prepare(lst, src, out, short_side=32, num_workers=1)
+        self.assertEqual(data.read_list(os.path.join(out, "train.csv")), [("good.mp4", 1)])
+        with open(os.path.join(out, "unreadable-train.txt")) as f:
+            self.assertEqual(f.read(), f"{bad}\tValueError: {bad}: frames of 0x0 pixels\n")
+
+    def test_an_error_of_our_own_copy_stops_the_run_in_one_line_and_blames_no_input(self):
+        """A full disk (or a copy failing its check) is ours: one line, the finished copies kept, no input listed as
+        unreadable. (It was caught as an unreadable input: a good video dropped from the list, exit 0.)"""
+        src = tempfile.mkdtemp(dir=TMP)
+        for i in range(3):
+            data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(8, 32, 32, seed=i))
+        lst = write_list(os.path.join(src, "train.csv"), [f"{i}.mp4 {i}" for i in range(3)])
+        write = data.write_video
+
+        def disk_full_at_the_second(path, *args, **kwargs):
+            if "1.mp4" in path:
+                raise OSError(28, "No space left on device")
+            return write(path, *args, **kwargs)
+
+        def one_frame_lost(path, *args, **kwargs):
+            return write(path, *args, **kwargs) + 1
+
+        for fault, reason in ((disk_full_at_the_second, r"OSError: \[Errno 28\] No space left on device"),
+                              (one_frame_lost, "ValueError: the copy does not decode to the original's 9 frames")):
+            out = os.path.join(src, fault.__name__)
+            with mock.patch.object(tools_prepare, "write_video", fault), contextlib.redirect_stdout(io.StringIO()):
+                with self.assertRaises(ValueError) as caught:
+                    tools_prepare.prepare(lst, src, out, short_side=32, num_workers=0)
+            message = str(caught.exception)
+            self.assertNotIn("\n", message)
+            name = "1.mp4" if fault is disk_full_at_the_second else "0.mp4"
+            self.assertRegex(message, rf"^cannot write {re.escape(os.path.join(out, name))}: {reason}; the "
+                                      rf"{1 if name == '1.mp4' else 0} copies this run finished .* are kept")
+            self.assertEqual(sorted(os.listdir(out)), sorted([".lock", "prepare.json"] + ["0.mp4"] * (name == "1.mp4")))
+        # a real one: a file stands where a copy's folder must go
+        os.makedirs(os.path.join(src, "d"))
+        data.write_video(os.path.join(src, "d", "0.mp4"), smooth_frames(8, 32, 32))
+        lst = write_list(os.path.join(src, "d.csv"), ["0.mp4 0", "d/0.mp4 1"])
+        out = os.path.join(src, "out")
+        os.makedirs(out)
+        open(os.path.join(out, "d"), "w").close()
+        cli = subprocess.run([sys.executable, "tools/prepare.py", out, "--data_path", lst, "--data_root", src,
+                              "--num_workers", "1"], cwd=HERE, capture_output=True, text=True, timeout=120)
+        self.assertEqual(cli.returncode, 1)
+        self.assertEqual(cli.stderr, f"prepare.py: error: cannot write {os.path.join(out, 'd', '0.mp4')}: "
+                                     f"FileExistsError: [Errno 17] File exists: '{os.path.join(out, 'd')}'; the 1 "
+                                     "copies this run finished (and those before) are kept: run again once that is "
+                                     "fixed\n")
+        self.assertFalse(os.path.exists(os.path.join(out, "unreadable-d.txt")))
+
+    def test_copies_that_would_collide_are_refused_before_any_work(self):
+        src = tempfile.mkdtemp(dir=TMP)
+        os.makedirs(os.path.join(src, "in"))
+        for lines, first, second in ((["a 0", "b.mp4 1", "a.mp4 2"], "a", "a.mp4"),
+                                     (["x.mp4 0", "../x.mp4 1"], "x.mp4", "../x.mp4")):
+            lst = write_list(os.path.join(src, "list.csv"), lines)
+            out = os.path.join(src, "out")
+            with self.assertRaises(ValueError) as caught:
+                tools_prepare.prepare(lst, os.path.join(src, "in"), out, num_workers=0)
+            self.assertEqual(str(caught.exception), f"{lst}: {first} and {second} would both be copied to "
+                                                    f"{os.path.join(out, 'x.mp4' if first == 'x.mp4' else 'a.mp4')}: "
+                                                    "rename one of them")
+            self.assertFalse(os.path.exists(out))  # before any work
+        data.write_video(os.path.join(src, "in", "v.mp4"), smooth_frames(8, 32, 32))  # one file named twice: one copy
+        lst = write_list(os.path.join(src, "list.csv"), ["v.mp4 0", "./v.mp4 1"])
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            tools_prepare.prepare(lst, os.path.join(src, "in"), os.path.join(src, "out"), num_workers=0)
+        self.assertIn("preparing 1 of 1 videos", printed.getvalue())
+        self.assertEqual(data.read_list(os.path.join(src, "out", "list.csv")), [("v.mp4", 0), ("v.mp4", 1)])
+
+    def test_one_record_per_list_and_a_corrupt_settings_record_is_no_record(self):
+        src = tempfile.mkdtemp(dir=TMP)
+        data.write_video(os.path.join(src, "good.mp4"), smooth_frames(8, 32, 32))
+        no_pixels(os.path.join(src, "zero.mp4"))
+        train = write_list(os.path.join(src, "train.csv"), ["good.mp4 0", "zero.mp4 1"])
+        val = write_list(os.path.join(src, "val.csv"), ["good.mp4 0", "missing.mp4 1"])
+        out = os.path.join(src, "out")
+        for corrupt in ("", '{"short_sid', "\x00\x00"):  # a power cut before the sync; cut short; zeros
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "prepare.json"), "w") as f:
+                f.write(corrupt)
+            with contextlib.redirect_stdout(io.StringIO()):
+                tools_prepare.prepare(train, src, out, short_side=32, num_workers=0)
+                tools_prepare.prepare(val, src, out, short_side=32, num_workers=0)
+            with open(os.path.join(out, "prepare.json")) as f:
+                self.assertEqual(json.load(f)["short_side"], 32)  # written again
+            records = {}
+            for name in ("train", "val"):
+                with open(os.path.join(out, f"unreadable-{name}.txt")) as f:
+                    records[name] = [line.split("\t")[0] for line in f]
+            self.assertEqual(records, {"train": [os.path.join(src, "zero.mp4")],
+                                       "val": [os.path.join(src, "missing.mp4")]})
+        calls = []  # small files: written, synced, then renamed (never renamed unsynced)
+        with mock.patch.object(data.os, "fsync", lambda fd: calls.append("fsync")), \
+                mock.patch.object(data.os, "replace", lambda a, b: calls.append("replace")):
+            data._write_atomically(os.path.join(src, "x.txt"), "x")
+        self.assertEqual(calls, ["fsync", "replace"])
+
+    def prepare_command(self, count):
+        src = tempfile.mkdtemp(dir=TMP)
+        for i in range(count):
+            data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(48, 64, 64, seed=i))
+        no_pixels(os.path.join(src, "zero.mp4"))
+        lst = write_list(os.path.join(src, "all.csv"), [f"{i}.mp4 {i % 3}" for i in range(count)] + ["zero.mp4 0"])
+        out = os.path.join(src, "prepared")
+        return out, [sys.executable, "tools/prepare.py", out, "--data_path", lst, "--data_root", src,
+                     "--num_workers", "1", "--keyframe_interval", "16"]
+
+    def check_prepared(self, out, count):
+        """Every good video in the list and whole, only the bad one recorded, no temporary left."""
+        self.assertEqual(data.read_list(os.path.join(out, "all.csv")), [(f"{i}.mp4", i % 3) for i in range(count)])
+        with open(os.path.join(out, "unreadable-all.txt")) as f:
+            self.assertEqual([line.split("\t")[0] for line in f], [os.path.join(os.path.dirname(out), "zero.mp4")])
+        for i in range(count):
+            self.assertEqual(len(data.read_frames(os.path.join(out, f"{i}.mp4"), range(48), decode_all=True)), 48)
+        self.assertEqual(sorted(f for f in os.listdir(out) if not f.endswith(".mp4")),
+                         [".lock", "all.csv", "prepare.json", "unreadable-all.txt"])
+
+    def test_two_runs_started_together_into_one_folder(self):
+        """One run at a time per folder: the second refuses in one line naming the first (the two destroyed each
+        other's work: good videos listed as unreadable, both exit 0); the first finishes with every good video."""
+        out, command = self.prepare_command(24)
+        runs = {run.pid: run for run in [subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE, text=True) for _ in range(2)]}
+        holder, deadline = None, time.time() + 300
+        while holder not in runs:  # the run that took the folder first, paused there: the other meets it at work
+            self.assertLess(time.time(), deadline, "no run named in OUT_DIR/.lock")
+            time.sleep(0.01)
+            with contextlib.suppress(FileNotFoundError), open(os.path.join(out, ".lock")) as f:
+                holder = int((re.match(r"pid (\d+):", f.read()) or [0, 0])[1])
+        runs[holder].send_signal(signal.SIGSTOP)
+        try:
+            other = next(run for pid, run in runs.items() if pid != holder)
+            _, refused = other.communicate(timeout=300)
+        finally:
+            runs[holder].send_signal(signal.SIGCONT)
+        self.assertEqual(other.returncode, 1)
+        self.assertEqual(refused, f"prepare.py: error: {out} is being written by another run (pid {holder}: "
+                                  f"tools/prepare.py {' '.join(command[2:])}): wait for it to end, or give another "
+                                  "OUT_DIR\n")
+        _, errors = runs[holder].communicate(timeout=300)
+        self.assertEqual(runs[holder].returncode, 0, errors[-2000:])
+        self.check_prepared(out, 24)
+
+    def test_main_process_killed_and_run_again_at_once(self):
+        """SIGKILL of the main process alone (its worker orphaned, as under a scheduler), then the same command at
+        once: the orphan finishes no copy beside the rerun (it wrote the same .part names: good videos were dropped)."""
+        out, command = self.prepare_command(24)
+        process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None and not (os.path.isdir(out) and any(f.endswith(".part") for f in os.listdir(out))
+                                               and any(f.endswith(".mp4") for f in os.listdir(out))):
+            time.sleep(0.01)
+        process.kill()  # the main process only
+        process.wait()
+        rerun = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
+        self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+        self.check_prepared(out, 24)
+        # where the kernel does not kill it with its parent, a worker checks its parent before the rename
+        source, target = os.path.join(os.path.dirname(out), "0.mp4"), os.path.join(out, "orphan", "0.mp4")
+        settings = dict(short_side=64, keyframe_interval=16, crf=18, x264=tools_prepare.PREPARE_X264)
+        self.assertEqual(tools_prepare._prepare_video((source, target, 0), **settings),  # pid 0: not its parent
+                         (source, None, f"cannot write {target}: ProcessLookupError: the run (pid 0) is gone"))
+        self.assertEqual(os.listdir(os.path.dirname(target)), [])
+
+    def test_bench_prints_a_line_per_configuration_and_prepares_only_what_it_times(self):
+        """What a user divides by: clips_per_s_per_core counts every clip timed, num_sample of them per decoded video.
+        A clock that ticks 1 s per reading makes each decoded video take 1 s: at num_sample 2 the rate is 2 clips/s.
+        Only the videos timed are copied (the whole list was: hours on Kinetics)."""
+        src = tempfile.mkdtemp(dir=TMP)
+        for i in range(6):
             data.write_video(os.path.join(src, f"{i}.mp4"), smooth_frames(70, 64, 80, seed=i))
-        lst = write_list(os.path.join(src, "all.csv"), ["0.mp4 0", "1.mp4 0"])
-        with contextlib.redirect_stderr(io.StringIO()):
-            lines = data.benchmark(lst, src, num_clips=4, num_sample=2)
-        self.assertEqual([(line["files"], line["num_sample"]) for line in lines],
+        lst = write_list(os.path.join(src, "all.csv"), [f"{i}.mp4 0" for i in range(6)])
+        clips, clock, log = [], itertools.count(), io.StringIO()
+
+        def collate(items):
+            batch = data.collate_samples(items)
+            clips.append(len(batch["video"]))
+            return batch
+
+        with mock.patch.object(bench_loader, "time", SimpleNamespace(perf_counter=lambda: next(clock))), \
+                mock.patch.object(bench_loader, "collate_samples", collate), contextlib.redirect_stderr(log):
+            lines = bench_loader.benchmark(lst, src, num_clips=4, num_sample=2)
+        self.assertIn("preparing 4 of 4 videos", log.getvalue())  # the 4 timed, not the list's 6
+        self.assertEqual(lines, [
+            dict(files="original", num_sample=1, clips_per_s_per_core=1.0, clips_per_s=1.0, decode_all_clips_per_s=1.0),
+            dict(files="original", num_sample=2, clips_per_s_per_core=2.0),
+            dict(files="prepared", num_sample=1, clips_per_s_per_core=1.0),
+            dict(files="prepared", num_sample=2, clips_per_s_per_core=2.0)])
+        # a warm-up round (one video each of the 5 configurations: 1, 2, 1, 2, 1 clips), then 4 clips each: 4 videos
+        # at num_sample 1 (the reference among them), 2 at num_sample 2
+        self.assertEqual(clips, [1, 2, 1, 2, 1] + [1, 2, 1, 2, 1] * 2 + [1, 1, 1] * 2)
+        cli = subprocess.run([sys.executable, os.path.join(HERE, "tools", "bench_loader.py"), "--data_path", lst,
+                              "--data_root", src, "--num_clips", "2"], cwd=TMP, capture_output=True, text=True,
+                             timeout=300)
+        self.assertEqual(cli.returncode, 0, cli.stderr[-2000:])
+        printed = [json.loads(line) for line in cli.stdout.splitlines()]  # stdout: the JSON lines only
+        self.assertEqual([(line["files"], line["num_sample"]) for line in printed],
                          [("original", 1), ("original", 2), ("prepared", 1), ("prepared", 2)])
-        self.assertEqual(sorted(lines[0]), ["clips_per_s", "clips_per_s_per_core", "decode_all_clips_per_s", "files",
-                                            "num_sample"])
-        self.assertEqual(lines[0]["clips_per_s"], lines[0]["clips_per_s_per_core"])
-        self.assertTrue(all(line["clips_per_s_per_core"] > 0 for line in lines))
+        self.assertTrue(all(line["clips_per_s_per_core"] > 0 for line in printed))
 
 
 class Numbers(torch.utils.data.Dataset):
@@ -4097,6 +4308,7 @@ class TestCoteachingScript(unittest.TestCase):
 MARKDOWN = ["README.md", os.path.join("experiments", "README.md")] + sorted(
     os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs")) if name.endswith(".md"))
 STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
+SCRIPTS = ["data.py", "tools/prepare.py", "tools/bench_loader.py"]  # their parsers are built under __main__
 
 
 def read_doc(name):
@@ -4105,8 +4317,8 @@ def read_doc(name):
 
 
 def help_text(script):
-    """What `python script --help` prints: every flag the script takes. data.py builds its parser under __main__,
-    tools/visualize.py takes its own flags and then the stage's (their help is the stage's)."""
+    """What `python script --help` prints: every flag the script takes (SCRIPTS build their parsers under __main__;
+    tools/visualize.py takes its own flags and then the stage's, whose help is the stage's)."""
     if script in STAGES:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # argparse's --help exits
@@ -4158,9 +4370,9 @@ class TestDocs(unittest.TestCase):
         self.assertLessEqual(read_doc("README.md").count("\n"), 220)
 
     def test_commands_parse_as_written(self):
-        """Each stage command of the docs' bash blocks parses with that stage's get_args (never runs), data.py's
-        flags are in its --help, named test classes exist and every script named is in the repository."""
-        data_help = help_text("data.py")
+        """Each stage command of the docs' bash blocks parses with that stage's get_args (never runs), the other
+        scripts' flags are in their --help, named test classes exist and every script named is in the repository."""
+        helps = {script: help_text(script) for script in SCRIPTS}
         seen, wrong = set(), []
         for name in MARKDOWN:
             for program, argv in documented_commands(name):
@@ -4186,20 +4398,20 @@ class TestDocs(unittest.TestCase):
                             tools_visualize.get_args(args)
                         except SystemExit:
                             wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
-                elif script == "data.py":
+                elif script in helps:
                     wrong += [f"{where}: no {flag}" for flag in (a.split("=")[0] for a in args if a.startswith("--"))
-                              if not re.search(rf"(?<![\w-]){flag}(?![\w-])", data_help)]
+                              if not re.search(rf"(?<![\w-]){flag}(?![\w-])", helps[script])]
                 elif script == "test_mvd.py":
                     wrong += [f"{where}: no {test}" for test in args
                               if not hasattr(sys.modules[__name__], test.split(".")[0])]
         self.assertEqual(wrong, [])
-        self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", "data.py", "test_mvd.py",
+        self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", *SCRIPTS[1:], "test_mvd.py",
                               "experiments/coteaching.sh", "experiments/report.py", "tools/visualize.py"}, seen)
 
     def test_flags_and_code_names_exist(self):
-        """Every --flag the docs name is a flag of a stage, of data.py or of torchrun, and every `module.name` in
+        """Every --flag the docs name is a flag of a stage, of SCRIPTS or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
-        known = "".join(help_text(script) for script in [*STAGES, "data.py", "tools/visualize.py"])
+        known = "".join(help_text(script) for script in [*STAGES, *SCRIPTS, "tools/visualize.py"])
         known += " --nproc_per_node --max-restarts"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
@@ -4319,7 +4531,6 @@ class TestCuda(unittest.TestCase):
 
 
 # ========================================================================================================== visualize
-sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
 import visualize as tools_visualize  # noqa: E402
 
 
