@@ -13,12 +13,14 @@ Conventions, said once here:
 import argparse
 import atexit
 import contextlib
+import datetime
 import functools
 import itertools
 import json
 import math
 import os
 import re
+import socket
 import time
 import timeit
 from types import SimpleNamespace
@@ -844,7 +846,9 @@ def setup_distributed(precision):
     rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     if ddp:
         store, rank, world = torchrun_store()
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(hours=2))  # NCCL's 10 minutes would kill ranks waiting
+        # for one that writes a large checkpoint or stops on a bad file (the official code waits 8 hours)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -858,7 +862,21 @@ def setup_distributed(precision):
         print(f"WARNING: --precision bf16: {auto_precision(cuda=False)[1]}; --precision auto picks fp32 here", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
+                           local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0,  # writes its node's checkpoints
                            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+
+
+def agree(what, value, fix):
+    """`value`, the same on every rank (under torchrun: an all_gather), or a ValueError on every rank naming the ranks
+    whose value differs from rank 0's: ranks that went on apart would hang in a collective or drift apart silently."""
+    if not dist.is_initialized():
+        return value
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (value, f"{socket.gethostname()}, node {os.environ.get('GROUP_RANK', 0)}"))
+    odd = [f"rank {r} ({node}) {v}" for r, (v, node) in enumerate(seen) if r == 0 or v != seen[0][0]]
+    if len(odd) > 1:
+        raise ValueError(f"the ranks disagree on {what}: {'; '.join(odd[:4])}: {fix}")
+    return value
 
 
 def resume(args, env, model, optimizer):
@@ -867,9 +885,12 @@ def resume(args, env, model, optimizer):
     epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     path = args.resume or (last if args.auto_resume and os.path.exists(last) else None)
+    state = read_checkpoint(path) if path and os.path.exists(path) else {}  # each node's local rank 0 writes its copy
+    agree("where to resume", f"{path}: epoch {state.get('epoch')}, step {state.get('step', 'end')}" if state else
+          f"{path or 'no checkpoint'}: none", "give every node the same checkpoint, or pass --no-auto_resume")
     if path is None:  # a fresh run
         return SimpleNamespace(epoch=0, step=0, sums={}, count=0)
-    state = read_checkpoint(path)
+    state = state or read_checkpoint(path)  # a missing --resume file: its error
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
@@ -924,7 +945,20 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     raw = model.module if env.ddp else model  # what checkpoints hold
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
-    done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
+    done = start.step if epoch == start.epoch else 0
+    # the log's sums over this rank's micro-batches; a checkpoint holds them added up over the ranks: rank 0 takes them
+    sums, count = (dict(start.sums), start.count) if epoch == start.epoch and env.is_main else ({}, 0)
+
+    def over_ranks():  # -> (sums, count) added up over the ranks; and rank 0's buffers on every rank (a linear probe's
+        # BatchNorm statistics, which DDP no longer broadcasts), for evaluation and every node's checkpoint
+        if not env.ddp:
+            return sums, count
+        for buffer in raw.buffers():
+            dist.broadcast(buffer, 0)
+        total = torch.tensor([count, *(sums[k] for k in sorted(sums))], dtype=torch.float64, device=env.device)
+        dist.all_reduce(total)
+        return dict(zip(sorted(sums), total[1:].tolist())), int(total[0])
+
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
@@ -942,11 +976,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
         with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
             loss, logs = loss_fn(batch)
-        check = loss.detach().float().reshape(1).clone()  # all_reduce works in place: a copy, not a view of the loss
-        if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce
-            dist.all_reduce(check)
+        late = args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes
+        check = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(late), device=loss.device)])
+        if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce; and save
+            dist.all_reduce(check)  # together, when any rank's clock says it is time
         if not torch.isfinite(check).all():
-            raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
+            raise NonFiniteLoss(f"loss is {check[0].item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
                                 f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
                                 "--clip_grad 1.0 or --precision fp32")
         with sync():
@@ -963,11 +998,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
             env.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = (i + 1) // args.update_freq
-            due = (args.save_every_steps and done % args.save_every_steps == 0 or
-                   args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes)
-            if env.is_main and due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                save_training_state(args, raw, optimizer, env.scaler, epoch, dict(
-                    step=done, sums=sums, count=count, total_batch=args.batch_size * args.update_freq * env.world_size))
+            due = args.save_every_steps and done % args.save_every_steps == 0 or check[1] > 0
+            if due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
+                total, n = over_ranks()
+                if env.local_main:  # every node's first process: nodes need not share a disk
+                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=total, count=n,
+                                        total_batch=args.batch_size * args.update_freq * env.world_size))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
             elapsed, this_run = time.time() - begin, i + 1 - first
@@ -980,10 +1016,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     if env.is_main:
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
-    stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
+    total, n = over_ranks()  # the log's means are over every rank's micro-batches
+    stats = {**{f"train_{k}": v / max(1, n) for k, v in total.items()}, **(evaluate(epoch) if evaluate else {})}
     if env.is_main:  # killed after the line, before the checkpoint: the epoch runs again, resume() drops the line
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+    if env.local_main:
         save_training_state(args, raw, optimizer, env.scaler, epoch)
     return stats
 

@@ -96,7 +96,7 @@ def main(args):
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
         print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
               f"{args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} "
