@@ -936,28 +936,21 @@ class NonFiniteLoss(RuntimeError):
 
 def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
     """One epoch of optimizer steps, loss_fn(batch) -> (loss, {name: float}) under autocast, then evaluate(epoch) ->
-    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean, and evaluate's) and checkpoint.
+    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean over every rank's micro-batches,
+    and evaluate's) and the checkpoint, written by each node's first process.
     Gradients accumulate over --update_freq micro-batches (DDP syncs on the last); the lr follows cosine_schedule per
     optimizer step; a non-finite loss stops the run before its step. Exact continuation: every --save_every_steps /
-    --save_every_minutes rank 0 writes checkpoint-last.pth with the steps done and the log's sums, which resume() gives
-    back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop path,
-    dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps done and the log's sums, which resume()
+    gives back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop
+    path, dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model  # what checkpoints hold
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
-    done = start.step if epoch == start.epoch else 0
-    # the log's sums over this rank's micro-batches; a checkpoint holds them added up over the ranks: rank 0 takes them
-    sums, count = (dict(start.sums), start.count) if epoch == start.epoch and env.is_main else ({}, 0)
+    done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
 
-    def over_ranks():  # -> (sums, count) added up over the ranks; and rank 0's buffers on every rank (a linear probe's
-        # BatchNorm statistics, which DDP no longer broadcasts), for evaluation and every node's checkpoint
-        if not env.ddp:
-            return sums, count
-        for buffer in raw.buffers():
+    def share_buffers():  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on
+        for buffer in raw.buffers() if env.ddp else ():  # every rank: for evaluation and every node's checkpoint
             dist.broadcast(buffer, 0)
-        total = torch.tensor([count, *(sums[k] for k in sorted(sums))], dtype=torch.float64, device=env.device)
-        dist.all_reduce(total)
-        return dict(zip(sorted(sums), total[1:].tolist())), int(total[0])
 
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
@@ -976,17 +969,18 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
         with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
             loss, logs = loss_fn(batch)
-        late = args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes
-        check = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(late), device=loss.device)])
-        if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce; and save
-            dist.all_reduce(check)  # together, when any rank's clock says it is time
+        late = bool(args.save_every_minutes) and time.time() - last_save >= 60 * args.save_every_minutes
+        check = torch.cat([loss.detach().double().reshape(1),  # this rank's loss, logs and clock, summed over the
+                           torch.tensor([*logs.values(), late], dtype=torch.float64, device=loss.device)])  # ranks:
+        if env.ddp:  # every rank stops together (the others would hang in the next all-reduce), saves together
+            dist.all_reduce(check)  # (when any rank's clock says it is time) and logs the mean over the ranks
         if not torch.isfinite(check).all():
             raise NonFiniteLoss(f"loss is {check[0].item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
                                 f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
                                 "--clip_grad 1.0 or --precision fp32")
         with sync():
             env.scaler.scale(loss / args.update_freq).backward()
-        logs = {"loss": loss.item(), **logs}
+        logs = dict(zip(["loss", *logs], (check[:-1] / env.world_size).tolist()))
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -998,11 +992,11 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
             env.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = (i + 1) // args.update_freq
-            due = args.save_every_steps and done % args.save_every_steps == 0 or check[1] > 0
+            due = args.save_every_steps and done % args.save_every_steps == 0 or check[-1] > 0
             if due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                total, n = over_ranks()
+                share_buffers()
                 if env.local_main:  # every node's first process: nodes need not share a disk
-                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=total, count=n,
+                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=sums, count=count,
                                         total_batch=args.batch_size * args.update_freq * env.world_size))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
@@ -1016,8 +1010,8 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     if env.is_main:
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
-    total, n = over_ranks()  # the log's means are over every rank's micro-batches
-    stats = {**{f"train_{k}": v / max(1, n) for k, v in total.items()}, **(evaluate(epoch) if evaluate else {})}
+    share_buffers()
+    stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
     if env.is_main:  # killed after the line, before the checkpoint: the epoch runs again, resume() drops the line
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"epoch": epoch, **stats}) + "\n")

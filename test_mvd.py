@@ -3368,14 +3368,16 @@ class TestManyNodes(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def run_probe(self, **changes):
-        """finetune.py --linear_probe on both nodes (relative folders): 8 videos, 2 x batch 2 -> 2 steps an epoch."""
+    def probe(self, **changes):
+        """finetune.py --linear_probe, its folders relative: 8 videos, 2 x batch 2 -> 2 steps an epoch."""
         opts = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
                 "--batch_size": 2, "--num_workers": 0, "--epochs": 1, "--nb_classes": 4, "--warmup_epochs": 0,
                 "--test_num_segment": 1, "--test_num_crop": 1, "--data_path": "lists", "--data_root": "data",
                 "--output_dir": "out", "--linear_probe": None, "--blr": 0.5, "--log_every": 100}
-        opts.update({f"--{k}": v for k, v in changes.items()})
-        return run_nodes("finetune.py", opts, self.nodes)
+        return {**opts, **{f"--{k}": v for k, v in changes.items()}}
+
+    def run_probe(self, **changes):
+        return run_nodes("finetune.py", self.probe(**changes), self.nodes)
 
     def assert_clean(self, ended, code=0):
         for node, (status, printed) in enumerate(ended):
@@ -3396,10 +3398,16 @@ class TestManyNodes(unittest.TestCase):
         first = [load(os.path.join(folder, "checkpoint-last.pth")) for folder in out]
         assert_identical(self, first[0]["model"], first[1]["model"])
         assert_identical(self, first[0]["optimizer"], first[1]["optimizer"])
-        # (c) the linear probe's in-run evaluation (rank 0's BatchNorm statistics on every rank) = --eval of it
+        # (c) the linear probe's in-run evaluation over both ranks (with rank 0's BatchNorm statistics on each, those
+        # its checkpoint holds) = one process's --eval of that checkpoint
         in_run = read_predictions(out[0])
-        self.assert_clean(self.run_probe(eval=None))
-        self.assertEqual(read_predictions(out[0]), in_run)
+        node = self.nodes[0]
+        run_finetune(self.probe(eval=None, resume=os.path.join(out[0], "checkpoint-last.pth"),
+                                data_path=os.path.join(node, "lists"), data_root=os.path.join(node, "data"),
+                                output_dir=os.path.join(self.tmp, "eval")))
+        one = read_predictions(os.path.join(self.tmp, "eval"))
+        self.assertEqual([(r["path"], r["prediction"]) for r in in_run], [(r["path"], r["prediction"]) for r in one])
+        self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, in_run)), 1e-5)
         self.assertEqual(len(in_run), 5)  # the 5 validation videos
         # (a) a resume: both nodes continue from their own copy, and end with the same state again
         ended = self.run_probe(epochs=2)
@@ -3418,6 +3426,32 @@ class TestManyNodes(unittest.TestCase):
             (line,) = [line for line in printed.splitlines() if line.startswith("finetune.py: error:")]
             self.assertIn("the ranks disagree on the checkpoint to resume or evaluate", line)
             self.assertRegex(line, r"rank 0 \(.*node 0\) out/checkpoint-last.pth; rank 1 \(.*node 1\) None")
+
+    def test_a_file_on_one_node_only_stops_every_rank_in_one_line(self):
+        """model.resume and distill's default teacher as rank 0 of two, where rank 1 (another node, its all_gather
+        mocked) lacks the file: one line naming both ranks and what to do (the same on rank 1, which sees the same)."""
+        folder = tempfile.mkdtemp(dir=self.tmp)
+        M.save_checkpoint(os.path.join(folder, "out", "checkpoint-last.pth"), model={}, optimizer={}, epoch=0)
+        os.makedirs(os.path.join(folder, "output", "image_mae"))
+        open(os.path.join(folder, "output", "image_mae", "checkpoint-last.pth"), "w").close()
+        for other, call, want in (
+                ("no checkpoint: none", lambda: M.resume(SimpleNamespace(output_dir="out", resume="", auto_resume=True),
+                                                         None, None, None),
+                 r"^the ranks disagree on where to resume: rank 0 \(.*, node 0\) out/checkpoint-last.pth: epoch 0, "
+                 r"step end; rank 1 \(node1, node 1\) no checkpoint: none: give every node the same checkpoint, or "
+                 r"pass --no-auto_resume$"),
+                (None, lambda: distill.build_teacher("image", SimpleNamespace(image_teacher=None), "cpu", None),
+                 r"^the ranks disagree on the image teacher: rank 0 \(.*, node 0\) output/image_mae/checkpoint-last"
+                 r".pth; rank 1 \(node1, node 1\) None: give every node output/image_mae/checkpoint-last.pth, or "
+                 r"pass --image_teacher PATH$")):
+            def gather(seen, mine):
+                seen[:] = [mine, (other, "node1, node 1")]
+            with contextlib.chdir(folder), mock.patch.object(M.dist, "is_initialized", lambda: True), \
+                    mock.patch.object(M.dist, "get_world_size", lambda: 2), \
+                    mock.patch.object(M.dist, "all_gather_object", gather), self.assertRaises(ValueError) as caught:
+                call()
+            self.assertRegex(str(caught.exception), want)
+            self.assertNotIn("\n", str(caught.exception))
 
 
 class TestPatchSize(unittest.TestCase):
