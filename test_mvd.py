@@ -3792,7 +3792,7 @@ class TestDocs(unittest.TestCase):
     def test_flags_and_code_names_exist(self):
         """Every --flag the docs name is a flag of a stage, of data.py or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
-        known = "".join(help_text(script) for script in [*STAGES, "data.py"]) + " --nproc_per_node --max-restarts"
+        known = "".join(help_text(script) for script in [*STAGES, "data.py"]) + " --nproc_per_node --max-restarts --nnodes --node_rank --master_addr"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
         for name in MARKDOWN:
