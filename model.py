@@ -847,8 +847,8 @@ def setup_distributed(precision):
     if ddp:
         store, rank, world = torchrun_store()
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(hours=2))  # NCCL's 10 minutes would kill ranks waiting
-        # for one that writes a large checkpoint or stops on a bad file (the official code waits 8 hours)
+                                timeout=datetime.timedelta(hours=2))  # not NCCL's 10 min: others wait for a rank
+        # that writes a large checkpoint or evaluates (the official code: 8 h)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -947,11 +947,9 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
-
     def share_buffers():  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on
         for buffer in raw.buffers() if env.ddp else ():  # every rank: for evaluation and every node's checkpoint
             dist.broadcast(buffer, 0)
-
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
