@@ -3333,9 +3333,13 @@ def run_nodes(script, options, folders, timeout=180):
             proc.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
         for proc, log in launched:
-            if proc.poll() is None:  # a hang: the launcher and its workers go, the test fails below
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            if proc.poll() is None:  # a hang: the test fails below. SIGTERM: torchrun stops its workers (each in a
+                proc.terminate()  # session of its own, out of reach of the launcher's process group)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
             log.seek(0)
             ended.append((proc.returncode, log.read()))
             log.close()
