@@ -216,13 +216,14 @@ def read_list(list_path):
 
 
 def load_video_list(list_path, data_root=""):
-    """[(absolute path, label)] of a list (read_list); files listed but missing are skipped."""
+    """[(absolute path, label)] of a list (read_list). Files listed but missing stay listed and are replaced when read,
+    as unreadable ones (--max_bad_videos): every rank of every node has the same list, so the same shards and steps."""
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
-        print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist and are skipped, "
-              f"e.g. {', '.join(list(missing)[:3])}", flush=True)
-    return [(path, label) for path, label in videos if path not in missing]
+        print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist here and will be replaced "
+              f"by other draws (--max_bad_videos), e.g. {', '.join(list(missing)[:3])}", flush=True)
+    return videos
 
 
 class CachedReader:

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
-                   add_training_flags, bench_steps, check_trained_with, clips_per_video, fill_defaults, load_checkpoint,
-                   param_groups, read_checkpoint, resume, save_checkpoint, saved_args, setup_distributed,
-                   train_one_epoch, training_step)
+                   add_training_flags, agree, bench_steps, check_trained_with, clips_per_video, fill_defaults,
+                   load_checkpoint, param_groups, read_checkpoint, resume, save_checkpoint, saved_args,
+                   setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
@@ -73,7 +73,8 @@ def build_teacher(kind, args, device, dtype):
     """A frozen teacher in eval mode, encoder only: weights from --{kind}_teacher, else from pretrain_mae.py's default
     output, else random weights (a smoke test, said loudly). Its size comes from the flag, else from our checkpoint."""
     default = os.path.join("output", f"{kind}_mae", "checkpoint-last.pth")
-    path = getattr(args, f"{kind}_teacher") or (default if os.path.exists(default) else None)
+    path = agree(f"the {kind} teacher", getattr(args, f"{kind}_teacher") or (
+        default if os.path.exists(default) else None), f"give every node {default}, or pass --{kind}_teacher PATH")
     saved = saved_args(read_checkpoint(path)) if path else {}
     size = getattr(args, f"{kind}_teacher_model") or saved.get("model", "vit_base")
     depth, eps = saved.get("depth"), saved.get("layer_norm_eps", 1e-6)  # our test configs record their depth, a
@@ -162,7 +163,7 @@ def main(args):
     args.min_lr = args.min_lr * total_batch / 256
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
         print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
               f"({env.world_size} x {args.batch_size} x {args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, "

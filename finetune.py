@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, check_trained_with, fill_defaults,
-                   load_checkpoint, param_groups, read_checkpoint, resume, saved_args, setup_distributed,
-                   train_one_epoch, training_step)
+from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, bench_steps, check_trained_with,
+                   checkpoint_to_resume, fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume,
+                   saved_args, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -152,7 +152,8 @@ def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    run_state = args.resume or (last if args.auto_resume and os.path.exists(last) else "")
+    run_state = agree("the checkpoint to resume or evaluate", checkpoint_to_resume(args),
+                      "give every node the same one, or --no-auto_resume")
     weights_only = args.eval or args.extract_features  # from --finetune, else --resume, else last
     if weights_only and not (args.finetune or run_state):
         raise ValueError("nothing to evaluate or show: give --finetune PATH or --resume PATH (or train first)")
@@ -260,7 +261,7 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
                                   betas=(0.9, 0.999))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
         print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
               f"batch {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "

@@ -13,6 +13,7 @@ Conventions, said once here:
 import argparse
 import atexit
 import contextlib
+import datetime
 import functools
 import itertools
 import json
@@ -20,6 +21,7 @@ import math
 import mmap
 import os
 import re
+import socket
 import time
 import zipfile
 from types import SimpleNamespace
@@ -659,9 +661,12 @@ def resume(args, env, model, optimizer):
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
     epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
     path = checkpoint_to_resume(args)
+    state = read_checkpoint(path) if path and os.path.exists(path) else {}  # each node's local rank 0 writes its copy
+    agree("where to resume", f"{path}: epoch {state.get('epoch')}, step {state.get('step', 'end')}" if state else
+          f"{path or 'no checkpoint'}: none", "give every node the same checkpoint, or pass --no-auto_resume")
     if path is None:  # a fresh run
         return SimpleNamespace(epoch=0, step=0, sums={}, count=0)
-    state = read_checkpoint(path)
+    state = state or read_checkpoint(path)  # a missing --resume file: its error
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
@@ -710,16 +715,20 @@ class NonFiniteLoss(RuntimeError):
 
 def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
     """One epoch of optimizer steps, loss_fn(batch) -> (loss, {name: float}) under autocast, then evaluate(epoch) ->
-    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean, and evaluate's) and checkpoint.
+    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean over every rank's micro-batches,
+    and evaluate's) and the checkpoint, written by each node's first process.
     Gradients accumulate over --update_freq micro-batches (DDP syncs on the last); the lr follows cosine_schedule per
     optimizer step; a non-finite loss stops the run before its step. Exact continuation: every --save_every_steps /
-    --save_every_minutes rank 0 writes checkpoint-last.pth with the steps done and the log's sums, which resume() gives
-    back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop path,
-    dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps done and the log's sums, which resume()
+    gives back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop
+    path, dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model  # what checkpoints hold
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
+    def share_buffers():  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on
+        for buffer in raw.buffers() if env.ddp else ():  # every rank: for evaluation and every node's checkpoint
+            dist.broadcast(buffer, 0)
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
@@ -737,16 +746,18 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
         with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
             loss, logs = loss_fn(batch)
-        check = loss.detach().float().reshape(1).clone()  # all_reduce works in place: a copy, not a view of the loss
-        if env.ddp:  # every rank must stop together, or the others would hang in the next all-reduce
-            dist.all_reduce(check)
+        late = bool(args.save_every_minutes) and time.time() - last_save >= 60 * args.save_every_minutes
+        check = torch.cat([loss.detach().double().reshape(1),  # this rank's loss, logs and clock, summed over the
+                           torch.tensor([*logs.values(), late], dtype=torch.float64, device=loss.device)])  # ranks:
+        if env.ddp:  # every rank stops together (the others would hang in the next all-reduce), saves together
+            dist.all_reduce(check)  # (when any rank's clock says it is time) and logs the mean over the ranks
         if not torch.isfinite(check).all():
-            raise NonFiniteLoss(f"loss is {check.item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
+            raise NonFiniteLoss(f"loss is {check[0].item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
                                 f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
                                 "--clip_grad 1.0 or --precision fp32")
         with sync():
             env.scaler.scale(loss / args.update_freq).backward()
-        logs = {"loss": loss.item(), **logs}
+        logs = dict(zip(["loss", *logs], (check[:-1] / env.world_size).tolist()))
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -758,11 +769,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
             env.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = (i + 1) // args.update_freq
-            due = (args.save_every_steps and done % args.save_every_steps == 0 or
-                   args.save_every_minutes and time.time() - last_save >= 60 * args.save_every_minutes)
-            if env.is_main and due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                save_training_state(args, raw, optimizer, env.scaler, epoch, dict(
-                    step=done, sums=sums, count=count, total_batch=args.batch_size * args.update_freq * env.world_size))
+            due = args.save_every_steps and done % args.save_every_steps == 0 or check[-1] > 0
+            if due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
+                share_buffers()
+                if env.local_main:  # every node's first process: nodes need not share a disk
+                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=sums, count=count,
+                                        total_batch=args.batch_size * args.update_freq * env.world_size))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
             elapsed, this_run = time.time() - begin, i + 1 - first
@@ -775,10 +787,12 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     if env.is_main:
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
+    share_buffers()
     stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
     if env.is_main:  # killed after the line, before the checkpoint: the epoch runs again, resume() drops the line
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+    if env.local_main:
         save_training_state(args, raw, optimizer, env.scaler, epoch)
     return stats
 
@@ -849,7 +863,9 @@ def setup_distributed(args):
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(hours=2))  # not NCCL's 10 min: others wait for a rank
+        # that writes a large checkpoint or evaluates (the official code: 8 h)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
     if args.precision == "auto":
@@ -872,8 +888,22 @@ def setup_distributed(args):
         print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
               "fp32): --precision fp32 is faster here", flush=True)
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
+                           local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0,  # writes its node's checkpoints
                            dtype=DTYPES[args.precision],
                            scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
+
+
+def agree(what, value, fix):
+    """`value`, the same on every rank (under torchrun: an all_gather), or a ValueError on every rank naming the ranks
+    whose value differs from rank 0's: ranks that went on apart would hang in a collective or drift apart silently."""
+    if not dist.is_initialized():
+        return value
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (value, f"{socket.gethostname()}, node {os.environ.get('GROUP_RANK', 0)}"))
+    odd = [f"rank {r} ({node}) {v}" for r, (v, node) in enumerate(seen) if r == 0 or v != seen[0][0]]
+    if len(odd) > 1:
+        raise ValueError(f"the ranks disagree on {what}: {'; '.join(odd[:4])}: {fix}")
+    return value
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

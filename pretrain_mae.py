@@ -94,7 +94,7 @@ def main(args):
     groups = param_groups(raw, args.weight_decay, skip=("mask_token",) if video else ())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw) if env.ddp else raw
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
         print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
               f"{args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} "

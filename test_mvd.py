@@ -2006,15 +2006,24 @@ class TestListsAndBadFiles(DatasetCase):
         with self.assertRaisesRegex(ValueError, "nowhere.csv does not exist: check --data_path"):
             data.load_video_list(os.path.join(self.dir, "nowhere.csv"), self.dir)
 
-    def test_missing_files_are_reported_once_and_skipped(self):
+    def test_missing_files_are_reported_once_kept_and_replaced_when_read(self):
+        # kept (issue 34): a node missing files has the list of the others, so the same shards and number of steps
         path = write_list(os.path.join(self.dir, "missing.csv"), ["v0.mp4 0", "gone1.mp4 1", "gone2.mp4 2"])
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             videos = data.load_video_list(path, self.dir)
-        self.assertEqual(len(videos), 1)
+        self.assertEqual([(os.path.basename(p), label) for p, label in videos],
+                         [("v0.mp4", 0), ("gone1.mp4", 1), ("gone2.mp4", 2)])
         self.assertEqual(len(out.getvalue().splitlines()), 1)
         self.assertIn("2 of 3", out.getvalue())
         self.assertIn("gone1.mp4", out.getvalue())
+        out_dir = tempfile.mkdtemp(dir=TMP)
+        dataset = data.VideoDataset(path, self.dir, mode="pretrain", num_frames=4, sampling_rate=2, input_size=32,
+                                    output_dir=out_dir, max_bad_videos=2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual([dataset[(i, 0)]["index"] for i in range(3)], [0, 0, 0])  # drawn again: v0
+        with open(os.path.join(out_dir, "bad_videos.txt")) as f:  # counted against --max_bad_videos
+            self.assertEqual(sorted(f.read().split()), [os.path.join(self.dir, f"gone{i}.mp4") for i in (1, 2)])
 
     def make_bad_set(self, name):
         root = tempfile.mkdtemp(dir=TMP)
@@ -4063,6 +4072,155 @@ class TestFinetune(unittest.TestCase):
         self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, two)), 1e-5)
 
 
+def run_nodes(script, options, folders, timeout=180):
+    """Two torchrun "nodes" on this machine, one gloo process each, each started in its own folder: a relative
+    --output_dir or --data_root is then a node-local disk, as on a cluster without a shared filesystem. Each ends
+    within `timeout` s or the test fails. -> [(exit status, stdout and stderr together)] per node."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_KEYS}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launched = []
+    for node, folder in enumerate(folders):
+        log = open(os.path.join(folder, f"torchrun{next(FRESH)}.txt"), "w+")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               os.path.join(HERE, script)]
+        launched.append((subprocess.Popen(cmd + flags(options), cwd=folder, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True), log))
+    deadline, ended = time.monotonic() + timeout, []
+    try:
+        for proc, log in launched:
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        for proc, log in launched:
+            if proc.poll() is None:  # a hang: the test fails below. SIGTERM: torchrun stops its workers (each in a
+                proc.terminate()  # session of its own, out of reach of the launcher's process group)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            log.seek(0)
+            ended.append((proc.returncode, log.read()))
+            log.close()
+    return ended
+
+
+class TestManyNodes(unittest.TestCase):
+    """Issue 34: two torchrun nodes on one machine, each with its own copy of the data and its own --output_dir (no
+    shared disk). Every rank agrees on where to resume, the list of videos and the linear probe's statistics, or every
+    rank stops with one line; never a hang (each run within a timeout) nor a traceback from our code."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_nodes_")
+        paths = data.make_synthetic_set(os.path.join(cls.tmp, "synthetic"), num_videos=20, num_frames=16, size=32)
+        lists = {}
+        for split in ("train", "val"):
+            with open(paths[f"appearance_{split}"]) as f:
+                lists[split] = [line.strip() for line in f if line.strip()][:8]
+        cls.nodes = [os.path.join(cls.tmp, f"node{n}") for n in range(2)]
+        for node in cls.nodes:  # node-local copies of the videos and lists
+            shutil.copytree(paths["root"], os.path.join(node, "data"))
+            for split, lines in lists.items():
+                _f_write_list(os.path.join(node, "lists"), f"{split}.csv", lines)
+        cls.gone = [line.split()[0] for line in lists["train"][:4]]  # node 1 lacks 4 of the 8 training videos
+        for path in cls.gone:
+            os.remove(os.path.join(cls.nodes[1], "data", path))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def probe(self, **changes):
+        """finetune.py --linear_probe, its folders relative: 8 videos, 2 x batch 2 -> 2 steps an epoch."""
+        opts = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
+                "--batch_size": 2, "--num_workers": 0, "--epochs": 1, "--nb_classes": 4, "--warmup_epochs": 0,
+                "--test_num_segment": 1, "--test_num_crop": 1, "--data_path": "lists", "--data_root": "data",
+                "--output_dir": "out", "--linear_probe": None, "--blr": 0.5, "--log_every": 100}
+        return {**opts, **{f"--{k}": v for k, v in changes.items()}}
+
+    def run_probe(self, **changes):
+        return run_nodes("finetune.py", self.probe(**changes), self.nodes)
+
+    def assert_clean(self, ended, code=0):
+        for node, (status, printed) in enumerate(ended):
+            self.assertEqual(status, code, f"node {node}:\n{printed[-3000:]}")
+            for ours in ("model.py", "data.py", "finetune.py"):
+                self.assertNotIn(f'{ours}", line', printed, f"node {node}: a traceback through {ours}")
+
+    def test_resume_data_and_linear_probe_agree_across_nodes(self):
+        out = [os.path.join(node, "out") for node in self.nodes]
+        # (b) files missing on node 1: kept in its list, replaced when read, so both ranks take the same 2 steps
+        self.assert_clean(self.run_probe())
+        with open(os.path.join(out[1], "bad_videos.txt")) as f:
+            replaced = f.read().split()
+        self.assertTrue(replaced)
+        self.assertLessEqual(set(replaced), {os.path.join(self.nodes[1], "data", p) for p in self.gone})
+        self.assertFalse(os.path.exists(os.path.join(out[0], "bad_videos.txt")))
+        # every node's first process wrote the checkpoint on its own disk, the same state
+        first = [load(os.path.join(folder, "checkpoint-last.pth")) for folder in out]
+        assert_identical(self, first[0]["model"], first[1]["model"])
+        assert_identical(self, first[0]["optimizer"], first[1]["optimizer"])
+        # (c) the linear probe's in-run evaluation over both ranks (with rank 0's BatchNorm statistics on each, those
+        # its checkpoint holds) = one process's --eval of that checkpoint
+        in_run = read_predictions(out[0])
+        node = self.nodes[0]
+        run_finetune(self.probe(eval=None, resume=os.path.join(out[0], "checkpoint-last.pth"),
+                                data_path=os.path.join(node, "lists"), data_root=os.path.join(node, "data"),
+                                output_dir=os.path.join(self.tmp, "eval")))
+        one = read_predictions(os.path.join(self.tmp, "eval"))
+        self.assertEqual([(r["path"], r["prediction"]) for r in in_run], [(r["path"], r["prediction"]) for r in one])
+        self.assertLess(max(abs(float(a["probability"]) - float(b["probability"])) for a, b in zip(one, in_run)), 1e-5)
+        self.assertEqual(len(in_run), 5)  # the 5 validation videos
+        # (a) a resume: both nodes continue from their own copy, and end with the same state again
+        ended = self.run_probe(epochs=2)
+        self.assert_clean(ended)
+        for _, printed in ended:
+            self.assertIn("resumed from out/checkpoint-last.pth: epoch 0 done", printed)
+        second = [load(os.path.join(folder, "checkpoint-last.pth")) for folder in out]
+        self.assertEqual([s["epoch"] for s in second], [1, 1])
+        assert_identical(self, second[0]["model"], second[1]["model"])
+        self.assertEqual([line["epoch"] for line in read_log(out[0]) if "epoch" in line], [0, 1])
+        # the checkpoint on one node only: every rank stops with one line naming both
+        os.remove(os.path.join(out[1], "checkpoint-last.pth"))
+        ended = self.run_probe(epochs=3)
+        self.assert_clean(ended, code=1)
+        for _, printed in ended:
+            (line,) = [line for line in printed.splitlines() if line.startswith("finetune.py: error:")]
+            self.assertIn("the ranks disagree on the checkpoint to resume or evaluate", line)
+            self.assertRegex(line, r"rank 0 \(.*node 0\) out/checkpoint-last.pth; rank 1 \(.*node 1\) None")
+
+    def test_a_file_on_one_node_only_stops_every_rank_in_one_line(self):
+        """model.resume and distill's default teacher as rank 0 of two, where rank 1 (another node, its all_gather
+        mocked) lacks the file: one line naming both ranks and what to do (the same on rank 1, which sees the same)."""
+        folder = tempfile.mkdtemp(dir=self.tmp)
+        M.save_checkpoint(os.path.join(folder, "out", "checkpoint-last.pth"), model={}, optimizer={}, epoch=0)
+        os.makedirs(os.path.join(folder, "output", "image_mae"))
+        open(os.path.join(folder, "output", "image_mae", "checkpoint-last.pth"), "w").close()
+        for other, call, want in (
+                ("no checkpoint: none", lambda: M.resume(SimpleNamespace(output_dir="out", resume="", auto_resume=True),
+                                                         None, None, None),
+                 r"^the ranks disagree on where to resume: rank 0 \(.*, node 0\) out/checkpoint-last.pth: epoch 0, "
+                 r"step end; rank 1 \(node1, node 1\) no checkpoint: none: give every node the same checkpoint, or "
+                 r"pass --no-auto_resume$"),
+                (None, lambda: distill.build_teacher("image", SimpleNamespace(image_teacher=None), "cpu", None),
+                 r"^the ranks disagree on the image teacher: rank 0 \(.*, node 0\) output/image_mae/checkpoint-last"
+                 r".pth; rank 1 \(node1, node 1\) None: give every node output/image_mae/checkpoint-last.pth, or "
+                 r"pass --image_teacher PATH$")):
+            def gather(seen, mine):
+                seen[:] = [mine, (other, "node1, node 1")]
+            with contextlib.chdir(folder), mock.patch.object(M.dist, "is_initialized", lambda: True), \
+                    mock.patch.object(M.dist, "get_world_size", lambda: 2), \
+                    mock.patch.object(M.dist, "all_gather_object", gather), self.assertRaises(ValueError) as caught:
+                call()
+            self.assertRegex(str(caught.exception), want)
+            self.assertNotIn("\n", str(caught.exception))
+
+
 class TestPatchSize(unittest.TestCase):
     """--patch_size in every stage (issue 13): an 8-px pipeline at 32 px (4x4 grid), checkpoints that record it, and
     one clear error for a teacher or a checkpoint of another patch size."""
@@ -4412,7 +4570,7 @@ class TestDocs(unittest.TestCase):
         """Every --flag the docs name is a flag of a stage, of SCRIPTS or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
         known = "".join(help_text(script) for script in [*STAGES, *SCRIPTS, "tools/visualize.py"])
-        known += " --nproc_per_node --max-restarts"
+        known += " --nproc_per_node --max-restarts --nnodes --node_rank --master_addr"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
         for name in MARKDOWN:
