@@ -556,20 +556,30 @@ def collate_samples(items):
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
-    """Like timm's Mixup in the official code: per batch, mixup or cutmix with probability 1/2 each (the same box in
-    every frame), soft targets with label smoothing. Uses the global RNG. timm mixes each sample with the batch
-    reversed, torchvision with the batch rolled by one: the same distribution."""
-    choices = [mix(alpha=alpha, num_classes=num_classes)
-               for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
-    mix = v2.RandomChoice(choices) if choices else None
-
+    """timm's Mixup as the official code uses it: per batch, mixup or cutmix with probability 1/2 each, one
+    lam ~ Beta(alpha, alpha) for the batch, each clip mixed with the batch reversed (x.flip(0)), soft targets with
+    label smoothing. Reversed, not rolled by one as torchvision's MixUp/CutMix: with --num_sample 2 a video's two clips
+    sit side by side, and a roll would mix every second clip with its own video. The cutmix box is timm's rand_bbox, lam
+    corrected by its clipped area, the same box in every frame (the official code hands timm (B, C, T, H, W) clips,
+    so its box cuts T and H instead). Uses the global RNG (train_one_epoch seeds it per step)."""
     def apply(video, labels):
         """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
-        if mix:  # torchvision takes videos as (B, T, 3, H, W)
-            mixed, targets = mix(tv_tensors.Video(video.transpose(1, 2)), labels)
-            video = mixed.as_subclass(torch.Tensor).transpose(1, 2)
-        else:
-            targets = F.one_hot(labels, num_classes).float()
+        targets = F.one_hot(labels, num_classes).float()
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            cut = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+            alpha = cutmix_alpha if cut else mixup_alpha
+            lam = torch.distributions.Beta(alpha, alpha).sample().item()
+            if cut:  # a box of area ~(1 - lam) around a random centre, clipped to the frame
+                H, W = video.shape[-2:]
+                h, w = int(H * math.sqrt(1 - lam)) // 2, int(W * math.sqrt(1 - lam)) // 2
+                y, x = torch.randint(H, ()).item(), torch.randint(W, ()).item()
+                top, bottom, left, right = max(y - h, 0), min(y + h, H), max(x - w, 0), min(x + w, W)
+                video = video.clone()
+                video[..., top:bottom, left:right] = video.flip(0)[..., top:bottom, left:right]
+                lam = 1 - (bottom - top) * (right - left) / (H * W)
+            else:
+                video = lam * video + (1 - lam) * video.flip(0)
+            targets = lam * targets + (1 - lam) * targets.flip(0)
         # smoothing commutes with mixing: (1 - e) * mixed one-hot + e / K is what timm computes
         return video, targets * (1 - label_smoothing) + label_smoothing / num_classes
 

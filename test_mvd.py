@@ -1860,6 +1860,36 @@ class TestMixupCutmix(unittest.TestCase):
         self.assertTrue(torch.equal(targets, F.one_hot(labels, 4).float()) and torch.equal(mixed, video))
 
 
+class TestMixupPairing(unittest.TestCase):
+    """Issue 35 item 8: timm's pairing (the batch reversed), never a clip with the other view of its own video."""
+
+    def test_repeated_samples_are_never_mixed_with_their_own_video(self):
+        video = torch.arange(8.0).view(8, 1, 1, 1, 1).expand(8, 3, 4, 16, 16).clone()  # clip b is all b
+        labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # --num_sample 2: a video's two clips side by side
+        partner = torch.arange(7, -1, -1)  # timm: each clip with the batch reversed
+        y = F.one_hot(labels, 4).float()
+        kinds = set()
+        for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+            mix = data.mixup_cutmix(4, mixup_alpha, cutmix_alpha, label_smoothing=0.1)
+            torch.manual_seed(3)
+            for _ in range(20):
+                mixed, targets = mix(video.clone(), labels)
+                own, theirs = mixed == video, mixed == partner.view(8, 1, 1, 1, 1).float()
+                if (own | theirs).all():  # cutmix: each pixel is the clip's own or its partner's, lam = own area
+                    self.assertTrue((mixed == mixed[:, :1, :1]).all())  # one box in every frame and channel
+                    lam = own.float().mean((1, 2, 3, 4))
+                    kinds.add("cutmix")
+                else:  # mixup: one weight for the whole clip
+                    self.assertTrue((mixed == mixed[:, :1, :1, :1, :1]).all())
+                    lam = (mixed[:, 0, 0, 0, 0] - partner) / (torch.arange(8.0) - partner)
+                    kinds.add("mixup")
+                torch.testing.assert_close(lam, lam[:1].expand(8), atol=1e-5, rtol=0)  # one lam for the batch
+                expected = (lam[0] * y + (1 - lam[0]) * y.flip(0)) * 0.9 + 0.1 / 4  # smoothed after mixing
+                torch.testing.assert_close(targets, expected, atol=1e-5, rtol=0)
+                self.assertTrue((labels[partner] != labels).all())  # no partner is the other view of the same video
+        self.assertEqual(kinds, {"mixup", "cutmix"})
+
+
 class TestImageDataset(DatasetCase):
     def test_image_folder_and_video_frames(self):
         folder = os.path.join(self.dir, "images")
