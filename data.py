@@ -199,19 +199,28 @@ def read_list(list_path):
     if not os.path.isfile(list_path):
         raise ValueError(f"video list {list_path} does not exist: check --data_path")
     videos = []
-    with open(list_path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.strip().split("," if "," in line else None)
-            if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
-                raise ValueError(f"{list_path}:{line_number}: expected 'path label', got {line.strip()!r}")
-            videos.append((fields[0].strip(), int(fields[1])))
+    with open(list_path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{list_path} is not UTF-8 text ({e.reason} at byte {e.start}): give a video "
+                             "list") from None
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.strip().split("," if "," in line else None)
+        if len(fields) != 2 or not fields[1].strip().isdigit():  # a label is 0 or more
+            raise ValueError(f"{list_path}:{line_number}: expected 'path label' with a label 0 or more, got "
+                             f"{line.strip()!r}")
+        videos.append((fields[0].strip(), int(fields[1])))
     return videos
 
 
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] of a list (read_list); files listed but missing are skipped."""
+    if data_root and not os.path.isdir(data_root):
+        raise ValueError(f"--data_root {data_root} does not exist: give the folder the paths of {list_path} are "
+                         "relative to")
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:

@@ -15,9 +15,9 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, param_groups, patchify,
-                   read_checkpoint, resume, saved_args, setup_distributed, to_pixels, train_one_epoch,
+from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, check_flags,
+                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, mask_ratio_rule, param_groups,
+                   patchify, read_checkpoint, resume, saved_args, setup_distributed, to_pixels, train_one_epoch,
                    trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
@@ -47,6 +47,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO, dict(
         mask_ratio={"image": 0.75, "video": 0.9}[args.mode], output_dir=os.path.join("output", f"{args.mode}_mae")))
+    grid = (args.num_frames // 2, args.input_size // args.patch_size, args.input_size // args.patch_size)
+    cells = math.prod(data.mask_grid(grid, args.mask_type)[1:]) if args.mode == "video" else grid[1] * grid[2]
+    check_flags(p, args, [mask_ratio_rule(cells, kept=args.mode == "image")])  # what tube_mask / random_mask draw over
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     return args
@@ -79,6 +82,8 @@ def main(args):
         data.use_synthetic_set(args, "all.csv")
     if args.visualize:
         return visualize(args, env, raw, checkpoint)
+    if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
+        data.hold_folder(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
                   num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
