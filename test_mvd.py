@@ -258,10 +258,21 @@ class TestModelAttention(unittest.TestCase):
         self.assertGreater((one_head - out).abs().max().item(), 1e-3)
 
     def test_key_bias_cannot_change_the_output(self):
+        # A key bias injected into the module's own computation: every token carries 1 in feature 0, which the query
+        # and value weights ignore and the key weight maps to a random bias, so that k = W_k x + key_bias
+        x = self.x.clone()
+        x[..., 0] = 1.0
+        key_bias = torch.randn(48, generator=torch.Generator().manual_seed(5)) * 3
+        a, outs = self.attn, []
         with torch.no_grad():
-            out = self.attn(self.x)
-            ref = self._naive(torch.randn(48, generator=torch.Generator().manual_seed(5)) * 3)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            a.qkv.weight[:, 0] = 0.0
+            for bias in (torch.zeros(48), key_bias):
+                a.qkv.weight[48:96, 0] = bias
+                outs.append(a(x))
+            ref = _m_naive_attention(x, a.qkv.weight, torch.cat([a.q_bias, torch.zeros(48), a.v_bias]), a.proj.weight,
+                                     a.proj.bias, heads=4)  # the key bias is in the weight here too
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[1], ref, atol=1e-5, rtol=1e-5)
 
     def test_attention_dropout_only_in_training(self):
         torch.manual_seed(1)
@@ -592,13 +603,33 @@ class TestModelShapes(unittest.TestCase):
 
     def test_student_predicts_exactly_the_masked_tubes(self):
         m = _m_student(0)
+        with torch.no_grad():
+            for name in ("img", "vid"):  # non-zero mask tokens: they differ from the visible tokens
+                getattr(m, f"mask_token_{name}").normal_()
         video = _m_video(2)
         for ratio, n_mask in ((0.9, 28), (0.5, 16)):
             mask = _m_tube_mask(torch.Generator().manual_seed(1), 2, 2, 4, 4, ratio)
+            seen, hooks = {}, [m.norm.register_forward_hook(lambda module, args, out: seen.update(encoder=out))]
+            for name in ("img", "vid"):  # each decoder's input and its blocks' output
+                blocks = getattr(m, f"decoder_{name}").blocks
+                hooks += [blocks[0].register_forward_pre_hook(lambda module, args, n=name: seen.update({n: args[0]})),
+                          blocks[-1].register_forward_hook(lambda module, a, out, n=name: seen.update({n + "_o": out}))]
             with torch.no_grad():
                 p_img, p_vid = m(video, mask)
-            self.assertEqual(tuple(p_img.shape), (2, n_mask, 40))
-            self.assertEqual(tuple(p_vid.shape), (2, n_mask, 24))
+                for hook in hooks:
+                    hook.remove()
+                self.assertEqual(tuple(p_img.shape), (2, n_mask, 40))
+                self.assertEqual(tuple(p_vid.shape), (2, n_mask, 24))
+                for name, pred in (("img", p_img), ("vid", p_vid)):
+                    # independently, sample by sample: [down(visible) + pos[visible], mask token + pos[masked]] in, and
+                    # head(norm(.)) of the blocks' last n_mask outputs (the masked tubes in token order) out
+                    pos, decoder = getattr(m, f"pos_embed_{name}")[0], getattr(m, f"decoder_{name}")
+                    down = getattr(m, f"down_{name}")(seen["encoder"])  # (2, N_vis, Dd)
+                    expected = torch.stack([torch.cat([down[b] + pos[~mask[b]],
+                                                       getattr(m, f"mask_token_{name}")[0] + pos[mask[b]]])
+                                            for b in range(2)])
+                    torch.testing.assert_close(seen[name], expected)
+                    torch.testing.assert_close(pred, decoder.head(decoder.norm(seen[name + "_o"][:, -n_mask:])))
 
     def test_single_teacher_student_builds_one_decoder(self):
         m = _m_student(0, img_teacher_dim=0)
@@ -1355,6 +1386,11 @@ class TestMasks(unittest.TestCase):
         for num_patches, ratio in ((196, 0.75), (16, 0.75), (10, 0.33)):
             mask = data.random_mask(num_patches, ratio)
             self.assertEqual(int((~mask).sum()), int(num_patches * (1 - ratio)))
+        masks = torch.stack([data.random_mask(16, 0.75, torch.Generator().manual_seed(s)) for s in range(400)])
+        self.assertGreater(len({tuple(m.tolist()) for m in masks}), 300)  # another generator, another mask
+        frequency = masks.float().mean(0)  # every patch hidden about 3 times in 4 (4.6 standard deviations)
+        self.assertLess((frequency - 0.75).abs().max().item(), 0.1, frequency)
+        self.assertTrue(torch.equal(data.random_mask(16, 0.75, torch.Generator().manual_seed(3)), masks[3]))
 
     def test_video_random_mask_hides_tubes_anywhere_in_space_and_time(self):
         grid = (4, 4, 4)
@@ -1899,7 +1935,7 @@ class TinyStages(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="mvd_tiny_")
         cls.list_path, cls.root = make_data(cls.tmp)
         torch.manual_seed(0)
-        cls.image_teacher, cls.video_teacher = (os.path.join(cls.tmp, f"{kind}_teacher.pth") for kind in ("image", "video"))
+        cls.image_teacher, cls.video_teacher = (os.path.join(cls.tmp, f"{k}_teacher.pth") for k in ("image", "video"))
         M.save_checkpoint(cls.image_teacher, args={"model": "vit_tiny", "depth": 1, "mode": "image"},
                           model=M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, depth=1).official_state_dict())
         M.save_checkpoint(cls.video_teacher, args={"model": "vit_tiny", "depth": 1, "mode": "video"},
@@ -3141,6 +3177,10 @@ class TestDistill(unittest.TestCase):
         diff = max_weight_diff(self, a["model"], b["model"])
         self.assertEqual(diff, 0.0, "distill.main must call torch.manual_seed(args.seed) before building the student "
                                     "(and any random teacher)")
+        # ... and --seed itself sets the student's initial weights (lr 0 throughout: the run ends with them)
+        initial = [run_stage(distill, self.options(f"seed_{seed}", blr=0.0, min_lr=0.0, seed=seed))[0].state_dict()
+                   for seed in (0, 1)]
+        self.assertFalse(torch.equal(initial[0]["blocks.0.attn.qkv.weight"], initial[1]["blocks.0.attn.qkv.weight"]))
 
     def test_ddp_two_processes_equal_one_process_and_a_killed_worker_changes_nothing(self):
         opts = dict(blr=0.064, precision="fp32", save_every_steps=1)  # lr = 1e-3 at a total batch of 4; drop_path 0
