@@ -199,12 +199,11 @@ def read_list(list_path):
     if not os.path.isfile(list_path):
         raise ValueError(f"video list {list_path} does not exist: check --data_path")
     videos = []
-    with open(list_path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(list_path, encoding="utf-8") as f:
             lines = list(f)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{list_path} is not UTF-8 text ({e.reason} at byte {e.start}): give a video "
-                             "list") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{list_path} is not UTF-8 text ({e.reason} at byte {e.start}): give a video list") from None
     for line_number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -565,12 +564,11 @@ def collate_samples(items):
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
-    """timm's Mixup as the official code uses it: per batch, mixup or cutmix with probability 1/2 each, one
-    lam ~ Beta(alpha, alpha) for the batch, each clip mixed with the batch reversed (x.flip(0)), soft targets with
-    label smoothing. Reversed, not rolled by one as torchvision's MixUp/CutMix: with --num_sample 2 a video's two clips
-    sit side by side, and a roll would mix every second clip with its own video. The cutmix box is timm's rand_bbox, lam
-    corrected by its clipped area, the same box in every frame (the official code hands timm (B, C, T, H, W) clips,
-    so its box cuts T and H instead). Uses the global RNG (train_one_epoch seeds it per step)."""
+    """timm's Mixup as the official code uses it: per batch, mixup or cutmix with probability 1/2 each, one lam ~
+    Beta(alpha, alpha), each clip mixed with the batch reversed (torchvision's roll by one would mix every second clip
+    with the other view of its own video at --num_sample 2), soft targets with label smoothing. CutMix: timm's box, lam
+    corrected by its clipped area, the same in every frame (the official code hands timm (B, C, T, H, W) clips, so its
+    box cuts T and H instead). Uses the global RNG (train_one_epoch seeds it per step)."""
     def apply(video, labels):
         """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
         targets = F.one_hot(labels, num_classes).float()

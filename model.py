@@ -133,9 +133,8 @@ def mask_ratio_rule(cells, kept=False):
 
 
 def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; the shared flags (FLAG_RULES) and the tube grid
-    are checked (an argparse error); --precision auto becomes what this device computes fastest (auto_precision), said
-    in one line."""
+    """Flags left at None take the first table's value that has them; FLAG_RULES and the tube grid are checked (an
+    argparse error); --precision auto becomes what this device computes fastest (auto_precision), said in one line."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:

@@ -2780,8 +2780,9 @@ class TestPretrainMAE(unittest.TestCase):
         run_stage(pretrain_mae, self.options("split_a", **opts))
         b4, b2 = self.options("split_b", **opts), self.options("split_b", batch_size=2, **opts)
         killed_and_restarted(lambda: run_stage(pretrain_mae, b4), [7], finish=False)  # reads 1-4, checkpoint 5, 6-
-        with self.assertRaisesRegex(ValueError, r"inside epoch 0 with a total batch of 4, this run's is 2 \(1 x 2 x 1\)"
-                                                r": restart with processes x --batch_size x --update_freq = 4"):
+        with self.assertRaisesRegex(ValueError, r"trained with a total batch of 4 videos, this run's is 2 \(1 x 2 x "
+                                                r"1\): another lr and other steps; restart with processes x "
+                                                r"--batch_size x --update_freq = 4$"):
             run_stage(pretrain_mae, b2)  # its steps would see other samples
         (_, printed), reads = killed_and_restarted(lambda: run_stage(pretrain_mae, {**b2, "--update_freq": 2}), [])
         self.assertIn("epoch 0 at optimizer step 1", printed)
