@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
                    add_training_flags, bench_steps, check_flags, check_trained_with, clips_per_video, fill_defaults,
-                   load_checkpoint, mask_ratio_rule, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
-                   save_checkpoint, saved_args, setup_distributed, to_pixels, train_one_epoch, trained_checkpoint,
-                   training_step)
+                   load_checkpoint, mask_ratio_rule, one_line, paint_tokens, param_groups, pca_colours, read_checkpoint,
+                   resume, save_checkpoint, saved_args, setup_distributed, to_pixels, train_one_epoch,
+                   trained_checkpoint, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4)
@@ -248,7 +248,8 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"distill.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"distill.py: error: {one_line(e, args.output_dir)}")

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import data
 from model import (NonFiniteLoss, VideoClassifier, add_training_flags, bench_steps, check_flags, check_trained_with,
-                   fill_defaults, load_checkpoint, paint_tokens, param_groups, pca_colours, read_checkpoint, resume,
-                   saved_args, setup_distributed, to_pixels, train_one_epoch, training_step)
+                   fill_defaults, load_checkpoint, one_line, paint_tokens, param_groups, pca_colours, read_checkpoint,
+                   resume, saved_args, setup_distributed, to_pixels, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -310,7 +310,8 @@ def bench(args, env, model, loss_fn, nb_classes):
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"finetune.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"finetune.py: error: {one_line(e, args.output_dir)}")

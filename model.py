@@ -811,17 +811,30 @@ def save_checkpoint(path, **state):
         # a full disk: OSError ENOSPC, or torch's writer failing ("unexpected pos", "file write failed")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(e, RuntimeError) and re.search(
                 "unexpected pos|write failed|inline_container", str(e)):
-            good = max((entry.path for entry in os.scandir(folder) if entry.name.endswith(".pth")),
-                       key=os.path.getmtime, default="none")  # the newest whole one: its temporary is gone
-            raise ValueError(f"{folder} is full ({shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free): "
-                             f"{os.path.basename(path)} was not written; the last good checkpoint is {good}: free "
-                             "space, then resume") from None
+            raise ValueError(disk_full(folder, os.path.basename(path))) from None
         raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def disk_full(folder, what):
+    """The line for a full disk: `folder`, its free space, what was not written, the last good checkpoint (the newest
+    whole one there: a failed save leaves no temporary)."""
+    good = max((entry.path for entry in os.scandir(folder) if entry.name.endswith(".pth")), key=os.path.getmtime,
+               default="none")
+    return (f"{folder} is full ({shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free): {what} was not written; "
+            f"the last good checkpoint is {good}: free space, then resume")
+
+
+def one_line(error, output_dir):
+    """What a stage's command line prints for an error it expects: its message, or for a full disk while a log,
+    features or pictures were written (OSError ENOSPC) disk_full's line. Any other OSError goes on as a traceback."""
+    if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+        raise error
+    return disk_full(output_dir, error.filename or "a file") if isinstance(error, OSError) else str(error)
 
 
 # ---------------------------------------------------------------- Optimizer parameter groups and learning-rate schedule

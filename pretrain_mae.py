@@ -16,9 +16,9 @@ import torch
 
 import data
 from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, check_flags,
-                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, mask_ratio_rule, param_groups,
-                   patchify, read_checkpoint, resume, saved_args, setup_distributed, to_pixels, train_one_epoch,
-                   trained_checkpoint, training_step, unpatchify)
+                   check_trained_with, clips_per_video, fill_defaults, load_checkpoint, mask_ratio_rule, one_line,
+                   param_groups, patchify, read_checkpoint, resume, saved_args, setup_distributed, to_pixels,
+                   train_one_epoch, trained_checkpoint, training_step, unpatchify)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -181,7 +181,8 @@ def bench(args, env, model):
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"pretrain_mae.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"pretrain_mae.py: error: {one_line(e, args.output_dir)}")

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -1905,9 +1906,8 @@ class TestMixupPairing(unittest.TestCase):
         labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # --num_sample 2: a video's two clips side by side
         partner = torch.arange(7, -1, -1)  # timm: each clip with the batch reversed
         y = F.one_hot(labels, 4).float()
-        kinds = set()
         for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-            mix = data.mixup_cutmix(4, mixup_alpha, cutmix_alpha, label_smoothing=0.1)
+            mix, kinds = data.mixup_cutmix(4, mixup_alpha, cutmix_alpha, label_smoothing=0.1), set()
             torch.manual_seed(3)
             for _ in range(20):
                 mixed, targets = mix(video.clone(), labels)
@@ -1924,7 +1924,23 @@ class TestMixupPairing(unittest.TestCase):
                 expected = (lam[0] * y + (1 - lam[0]) * y.flip(0)) * 0.9 + 0.1 / 4  # smoothed after mixing
                 torch.testing.assert_close(targets, expected, atol=1e-5, rtol=0)
                 self.assertTrue((labels[partner] != labels).all())  # no partner is the other view of the same video
-        self.assertEqual(kinds, {"mixup", "cutmix"})
+            self.assertEqual(kinds, {k for k, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a})  # 1/2 each
+
+    def test_cutmix_boxes_as_timm_draws_them(self):
+        """The mean lam (own area) over many batches equals that of timm's rand_bbox with the lam correction,
+        simulated here in numpy: a box of half the side (or twice it) gives another mean."""
+        rng, lams = np.random.default_rng(0), []
+        for lam in rng.beta(1.0, 1.0, 20000):
+            cut = int(16 * np.sqrt(1 - lam))
+            cy, cx = rng.integers(0, 16, 2)
+            y0, y1, x0, x1 = (np.clip(v, 0, 16) for v in (cy - cut // 2, cy + cut // 2, cx - cut // 2, cx + cut // 2))
+            lams.append(1 - (y1 - y0) * (x1 - x0) / 256)
+        video = torch.arange(8.0).view(8, 1, 1, 1, 1).expand(8, 3, 2, 16, 16).clone()
+        mix, own = data.mixup_cutmix(4, 0.0, 1.0, label_smoothing=0.0), []
+        torch.manual_seed(0)
+        for _ in range(400):
+            own.append((mix(video, torch.arange(8) % 4)[0] == video)[0].float().mean().item())
+        self.assertLess(abs(np.mean(own) - np.mean(lams)), 4 * np.std(lams) / 20)  # 4 standard errors
 
 
 class TinyStages(unittest.TestCase):
@@ -2141,6 +2157,28 @@ class TestDiskFull(TinyStages):
         self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["step"], 2)
         self.assertEqual(sorted(os.listdir(folder)), [".lock", "checkpoint-last.pth", "log.txt"]
                          if os.path.exists(os.path.join(folder, "log.txt")) else [".lock", "checkpoint-last.pth"])
+
+
+    def test_a_full_disk_while_a_log_is_written_is_one_line_from_the_command_line(self):
+        folder, write = os.path.join(self.tmp, "full_log"), open
+
+        def full(path, *args, **kwargs):  # the log line finds the disk full
+            if str(path).endswith("log.txt") and args[:1] == ("a",):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return write(path, *args, **kwargs)
+
+        argv = ["pretrain_mae.py", *flags(self.options(pretrain_mae, "full_log", save_every_steps=1))]
+        with mock.patch.object(M, "open", full, create=True), mock.patch.object(sys, "argv", argv), \
+                contextlib.redirect_stdout(io.StringIO()), self.assertRaises(SystemExit) as caught:
+            try:
+                runpy.run_path(os.path.join(HERE, "pretrain_mae.py"), run_name="__main__")
+            finally:
+                release_folders()
+        self.assertRegex(caught.exception.code, f"^pretrain_mae.py: error: {folder} is full \\(\\d+ MiB free\\): "
+                                                f"{folder}/log.txt was not written; the last good checkpoint is "
+                                                f"{folder}/checkpoint-last.pth: free space, then resume$")
+        with self.assertRaises(PermissionError):  # any other OSError stays a traceback
+            M.one_line(PermissionError(errno.EACCES, "Permission denied"), folder)
 
 
 class TestSuiteGaps(TinyStages):
