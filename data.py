@@ -204,20 +204,28 @@ def read_list(list_path):
     if not os.path.isfile(list_path):
         raise ValueError(f"video list {list_path} does not exist: check --data_path")
     videos = []
-    with open(list_path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.strip().split("," if "," in line else None)
-            if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
-                raise ValueError(f"{list_path}:{line_number}: expected 'path label', got {line.strip()!r}")
-            videos.append((fields[0].strip(), int(fields[1])))
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{list_path} is not UTF-8 text ({e.reason} at byte {e.start}): give a video list") from None
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.strip().split("," if "," in line else None)
+        if len(fields) != 2 or not fields[1].strip().isdigit():  # a label is 0 or more
+            raise ValueError(f"{list_path}:{line_number}: expected 'path label' with a label 0 or more, got "
+                             f"{line.strip()!r}")
+        videos.append((fields[0].strip(), int(fields[1])))
     return videos
 
 
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] of a list (read_list). Files listed but missing stay listed and are replaced when read,
     as unreadable ones (--max_bad_videos): every rank of every node has the same list, so the same shards and steps."""
+    if data_root and not os.path.isdir(data_root):
+        raise ValueError(f"--data_root {data_root} does not exist: give the folder the paths of {list_path} are "
+                         "relative to")
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
@@ -656,23 +664,31 @@ def collate_samples(items):
 
 
 def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1):
-    """Per batch, mixup or cutmix with probability 1/2 each, soft targets with label smoothing, as timm's Mixup in the
-    official code, but CutMix pastes one H x W box in every frame. The official hands timm (B, C, T, H, W) clips: its
-    box, drawn for (H, W), cuts x[:, :, yl:yh, xl:xh], frames and rows; in 60% of CutMix draws no pixel moves, yet
-    the labels give the partner 29% of their mass there (32% over all draws; docs/details.md).
-    Uses the global RNG. timm mixes each sample with the batch
-    reversed, torchvision with the batch rolled by one: the same distribution."""
-    choices = [mix(alpha=alpha, num_classes=num_classes)
-               for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
-    mix = v2.RandomChoice(choices) if choices else None
-
+    """timm's Mixup as the official code uses it: per batch, mixup or cutmix with probability 1/2 each, one lam ~
+    Beta(alpha, alpha), each clip mixed with the batch reversed (torchvision's roll by one would mix every second clip
+    with the other view of its own video at --num_sample 2), soft targets with label smoothing. Uses the global RNG
+    (train_one_epoch seeds it per step). CutMix: timm's box, lam corrected by its clipped area, one H x W box in every
+    frame. The official hands timm (B, C, T, H, W) clips: its box, drawn for (H, W), cuts x[:, :, yl:yh, xl:xh], frames
+    and rows; in 60% of CutMix draws no pixel moves, yet the labels give the partner 29% of their mass there (32% over
+    all draws; docs/details.md)."""
     def apply(video, labels):
         """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
-        if mix:  # torchvision takes videos as (B, T, 3, H, W)
-            mixed, targets = mix(tv_tensors.Video(video.transpose(1, 2)), labels)
-            video = mixed.as_subclass(torch.Tensor).transpose(1, 2)
-        else:
-            targets = F.one_hot(labels, num_classes).float()
+        targets = F.one_hot(labels, num_classes).float()
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            cut = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+            alpha = cutmix_alpha if cut else mixup_alpha
+            lam = torch.distributions.Beta(alpha, alpha).sample().item()
+            if cut:  # a box of area ~(1 - lam) around a random centre, clipped to the frame
+                H, W = video.shape[-2:]
+                h, w = int(H * math.sqrt(1 - lam)) // 2, int(W * math.sqrt(1 - lam)) // 2
+                y, x = torch.randint(H, ()).item(), torch.randint(W, ()).item()
+                top, bottom, left, right = max(y - h, 0), min(y + h, H), max(x - w, 0), min(x + w, W)
+                video = video.clone()
+                video[..., top:bottom, left:right] = video.flip(0)[..., top:bottom, left:right]
+                lam = 1 - (bottom - top) * (right - left) / (H * W)
+            else:
+                video = lam * video + (1 - lam) * video.flip(0)
+            targets = lam * targets + (1 - lam) * targets.flip(0)
         # smoothing commutes with mixing: (1 - e) * mixed one-hot + e / K is what timm computes
         return video, targets * (1 - label_smoothing) + label_smoothing / num_classes
 

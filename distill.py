@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
-                   add_training_flags, agree, bench_steps, check_trained_with, clips_per_video, fill_defaults,
-                   load_checkpoint, param_groups, read_checkpoint, resume, save_checkpoint, saved_args,
-                   setup_distributed, train_one_epoch, training_step)
+                   add_training_flags, agree, bench_steps, check_flags, check_trained_with, clips_per_video,
+                   fill_defaults, load_checkpoint, mask_ratio_rule, one_line, param_groups, read_checkpoint, resume,
+                   save_checkpoint, saved_args, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
@@ -58,6 +58,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO)
     args.teacher_input_size = args.teacher_input_size or args.input_size
+    check_flags(p, args, [mask_ratio_rule((args.input_size // args.patch_size) ** 2)])  # cells of a time step
     if args.image_teacher_loss_weight == 0 and args.video_teacher_loss_weight == 0:
         p.error("both teacher loss weights are 0: nothing to distill; set --image_teacher_loss_weight or "
                 "--video_teacher_loss_weight above 0")
@@ -147,6 +148,8 @@ def main(args):
     # 3. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
+    if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
+        data.hold_folder(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
@@ -210,7 +213,8 @@ def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"distill.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"distill.py: error: {one_line(e, args.output_dir)}")

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, bench_steps, check_trained_with,
-                   checkpoint_to_resume, fill_defaults, load_checkpoint, param_groups, read_checkpoint, resume,
-                   saved_args, setup_distributed, train_one_epoch, training_step)
+from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, bench_steps, check_flags,
+                   check_trained_with, checkpoint_to_resume, fill_defaults, load_checkpoint, one_line, param_groups,
+                   read_checkpoint, resume, saved_args, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -84,6 +84,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     official = OFFICIAL_SSV2 if args.data_set == "SSV2" else OFFICIAL
     fill_defaults(p, args, official if args.data_path else DEMO, LINEAR_PROBE if args.linear_probe else FINETUNE)
+    check_flags(p, args, [(flag, lambda v: v >= 1, "at least 1") for flag in ("test_num_segment", "test_num_crop")] + [
+        ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("mixup", lambda v: v >= 0, "0 or more"),
+        ("cutmix", lambda v: v >= 0, "0 or more"), ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1]")])
     args.short_side_size = args.short_side_size or args.input_size
     aa = re.fullmatch(r"rand-m(\d+)-n(\d+)(?:-mstd([\d.]+))?-inc1", args.aa)
     if args.aa != "none" and not aa:
@@ -160,6 +163,8 @@ def main(args):
     # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
     if args.data_path is None and not args.bench:
         data.use_synthetic_set(args, "appearance")  # the appearance task's train.csv and val.csv
+    if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
+        data.hold_folder(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     segment = args.data_set == "SSV2"
     common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, sampling="segment" if segment else
@@ -293,7 +298,8 @@ def bench(args, env, model, loss_fn, nb_classes):
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"finetune.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"finetune.py: error: {one_line(e, args.output_dir)}")

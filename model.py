@@ -14,6 +14,7 @@ import argparse
 import atexit
 import contextlib
 import datetime
+import errno
 import functools
 import itertools
 import json
@@ -21,6 +22,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import socket
 import time
 import zipfile
@@ -610,15 +612,36 @@ def save_checkpoint(path, **state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # disk full, killed mid-write: leave no half file behind
+    except BaseException as e:  # disk full, killed mid-write: leave no half file behind
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a full disk: OSError ENOSPC, or torch's writer failing ("unexpected pos", "file write failed")
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(e, RuntimeError) and re.search(
+                "unexpected pos|write failed|inline_container", str(e)):
+            raise ValueError(disk_full(folder, os.path.basename(path))) from None
         raise
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def disk_full(folder, what):
+    """The line for a full disk: `folder`, its free space, what was not written, the last good checkpoint (the newest
+    whole one there: a failed save leaves no temporary)."""
+    good = max((entry.path for entry in os.scandir(folder) if entry.name.endswith(".pth")), key=os.path.getmtime,
+               default="none")
+    return (f"{folder} is full ({shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free): {what} was not written; "
+            f"the last good checkpoint is {good}: free space, then resume")
+
+
+def one_line(error, output_dir):
+    """What a stage's command line prints for an error it expects: its message, or for a full disk while a log,
+    features or pictures were written (OSError ENOSPC) disk_full's line. Any other OSError goes on as a traceback."""
+    if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+        raise error
+    return disk_full(output_dir, error.filename or "a file") if isinstance(error, OSError) else str(error)
 
 
 # ---------------------------------------------------------------- Optimizer parameter groups and learning-rate schedule
@@ -671,12 +694,15 @@ def resume(args, env, model, optimizer):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
     mid_epoch = "step" in state  # written inside an epoch, else at its end
-    check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)  # other samples, another lr
+    # One rule, inside an epoch and at its end: the checkpoint's --num_sample and total batch of videos. Together they
+    # set the lr (it follows the total batch of clips in pretraining and distillation, of videos in fine-tuning, as the
+    # official) and its schedule, and which samples each step sees.
+    check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)
     total_batch = args.batch_size * args.update_freq * env.world_size
-    if mid_epoch and state["total_batch"] != total_batch:  # the steps left would see other samples
-        raise ValueError(f"{path} stopped inside epoch {state['epoch']} with a total batch of {state['total_batch']}, "
-                         f"this run's is {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}): "
-                         f"restart with processes x --batch_size x --update_freq = {state['total_batch']}")
+    if state.get("total_batch", total_batch) != total_batch:  # end-of-epoch checkpoints of older runs record none
+        raise ValueError(f"{path} was trained with a total batch of {state['total_batch']} videos, this run's is "
+                         f"{total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and "
+                         f"other steps; restart with processes x --batch_size x --update_freq = {state['total_batch']}")
     start = SimpleNamespace(epoch=state["epoch"] if mid_epoch else state["epoch"] + 1, step=state.get("step", 0),
                             sums=state.get("sums", {}), count=state.get("count", 0))
     load_checkpoint(model, state["model"], verbose=False)
@@ -697,11 +723,13 @@ def resume(args, env, model, optimizer):
 
 
 def save_training_state(args, model, optimizer, scaler, epoch, progress=None):
-    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout.
-    progress: dict(step, sums, count, total_batch) for a checkpoint-last.pth written inside the epoch."""
+    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout,
+    the total batch of videos (resume() holds a resumed run to it). progress: dict(step, sums, count) for a
+    checkpoint-last.pth written inside the epoch."""
     weights = model.official_state_dict() if hasattr(model, "official_state_dict") else model.state_dict()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                 **(progress or {}),
+                 total_batch=args.batch_size * args.update_freq * world_size, **(progress or {}),
                  args={k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()})
     # checkpoint-{epoch}.pth first: a run killed between the two writes redoes the epoch and writes both
     if progress is None and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
@@ -773,8 +801,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
             if due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
                 share_buffers()
                 if env.local_main:  # every node's first process: nodes need not share a disk
-                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=sums, count=count,
-                                        total_batch=args.batch_size * args.update_freq * env.world_size))
+                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=sums, count=count))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:
             elapsed, this_run = time.time() - begin, i + 1 - first
@@ -977,12 +1004,34 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 
 
+FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
+              ("warmup_epochs", lambda v: v >= 0, "0 or more"),
+              ("sampling_rate", lambda v: v >= 0, "0 or more (0 repeats one frame: the single-frame baseline)"))
+
+
+def check_flags(p, args, rules):
+    """Refuse, before any work, the first flag that breaks its rule: an argparse error (one line, exit 2) naming it."""
+    for flag, valid, what in rules:
+        if getattr(args, flag) is not None and not valid(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)}: must be {what}")
+
+
+def mask_ratio_rule(cells, kept=False):
+    """--mask_ratio's rule for a mask drawn over `cells`: it hides at least one and shows at least one. tube_mask hides
+    int(ratio * cells); random_mask (kept=True) keeps int(cells * (1 - ratio))."""
+    hidden = (lambda r: cells - int(cells * (1 - r))) if kept else (lambda r: int(r * cells))
+    what = f"a ratio hiding 1 to {cells - 1} of the {cells} cells its mask draws over"
+    return "mask_ratio", lambda r: 0 < hidden(r) < cells, what
+
+
 def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; the tube grid is checked (an argparse error)."""
+    """Flags left at None take the first table's value that has them; FLAG_RULES and the tube grid are checked (an
+    argparse error)."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    check_flags(p, args, FLAG_RULES)
     if args.input_size % args.patch_size or args.num_frames % 2:
         p.error(f"--input_size ({args.input_size}) must be a multiple of --patch_size ({args.patch_size}) and "
                 f"--num_frames ({args.num_frames}) even (tubes span 2 frames)")

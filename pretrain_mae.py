@@ -8,15 +8,16 @@
 """
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps,
-                   check_trained_with, clips_per_video, fill_defaults, param_groups, read_checkpoint, resume,
-                   saved_args, setup_distributed, train_one_epoch, training_step)
+from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, check_flags,
+                   check_trained_with, clips_per_video, fill_defaults, mask_ratio_rule, one_line, param_groups,
+                   read_checkpoint, resume, saved_args, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -46,6 +47,9 @@ def get_args(argv=None):
     fill_defaults(p, args, OFFICIAL if args.data_path else DEMO, dict(
         mask_ratio={"image": 0.75, "video": 0.9}[args.mode], min_lr={"image": 0.0, "video": 1e-5}[args.mode],
         output_dir=os.path.join("output", f"{args.mode}_mae")))
+    grid = (args.num_frames // 2, args.input_size // args.patch_size, args.input_size // args.patch_size)
+    cells = math.prod(data.mask_grid(grid, args.mask_type)[1:]) if args.mode == "video" else grid[1] * grid[2]
+    check_flags(p, args, [mask_ratio_rule(cells, kept=args.mode == "image")])  # what tube_mask / random_mask draw over
     if args.decoder_depth is not None and args.decoder_depth < 1:
         p.error("--decoder_depth must be at least 1: pretraining reconstructs pixels through the decoder")
     return args
@@ -75,6 +79,8 @@ def main(args):
     # 3. Data: clips with a tube mask, or single frames / images with a random mask
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
+    if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
+        data.hold_folder(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
                   num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
@@ -130,7 +136,8 @@ def bench(args, env, model):
 
 
 if __name__ == "__main__":
+    args = get_args()
     try:
-        main(get_args())
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos) as e:
-        sys.exit(f"pretrain_mae.py: error: {e}")
+        main(args)
+    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+        sys.exit(f"pretrain_mae.py: error: {one_line(e, args.output_dir)}")

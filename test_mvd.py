@@ -4,6 +4,7 @@ check numbers against independent computations. The run ends with one line `N pa
 import argparse
 import contextlib
 import csv
+import errno
 import fractions
 import importlib.util
 import io
@@ -13,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import runpy
 import shutil
 import signal
 import struct
@@ -247,10 +249,21 @@ class TestModelAttention(unittest.TestCase):
         self.assertGreater((one_head - out).abs().max().item(), 1e-3)
 
     def test_key_bias_cannot_change_the_output(self):
+        # A key bias injected into the module's own computation: every token carries 1 in feature 0, which the query
+        # and value weights ignore and the key weight maps to a random bias, so that k = W_k x + key_bias
+        x = self.x.clone()
+        x[..., 0] = 1.0
+        key_bias = torch.randn(48, generator=torch.Generator().manual_seed(5)) * 3
+        a, outs = self.attn, []
         with torch.no_grad():
-            out = self.attn(self.x)
-            ref = self._naive(torch.randn(48, generator=torch.Generator().manual_seed(5)) * 3)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            a.qkv.weight[:, 0] = 0.0
+            for bias in (torch.zeros(48), key_bias):
+                a.qkv.weight[48:96, 0] = bias
+                outs.append(a(x))
+            ref = _m_naive_attention(x, a.qkv.weight, torch.cat([a.q_bias, torch.zeros(48), a.v_bias]), a.proj.weight,
+                                     a.proj.bias, heads=4)  # the key bias is in the weight here too
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[1], ref, atol=1e-5, rtol=1e-5)
 
 class TestPrecision(unittest.TestCase):
     """--precision: auto from what the hardware reports (never a timing), kept by a resumed run, on every rank."""
@@ -445,13 +458,33 @@ class TestModelShapes(unittest.TestCase):
 
     def test_student_predicts_exactly_the_masked_tubes(self):
         m = _m_student(0)
+        with torch.no_grad():
+            for name in ("img", "vid"):  # non-zero mask tokens: they differ from the visible tokens
+                getattr(m, f"mask_token_{name}").normal_()
         video = _m_video(2)
         for ratio, n_mask in ((0.9, 28), (0.5, 16)):
             mask = _m_tube_mask(torch.Generator().manual_seed(1), 2, 2, 4, 4, ratio)
+            seen, hooks = {}, [m.norm.register_forward_hook(lambda module, args, out: seen.update(encoder=out))]
+            for name in ("img", "vid"):  # each decoder's input and its blocks' output
+                blocks = getattr(m, f"decoder_{name}").blocks
+                hooks += [blocks[0].register_forward_pre_hook(lambda module, args, n=name: seen.update({n: args[0]})),
+                          blocks[-1].register_forward_hook(lambda module, a, out, n=name: seen.update({n + "_o": out}))]
             with torch.no_grad():
                 p_img, p_vid = m(video, mask)
-            self.assertEqual(tuple(p_img.shape), (2, n_mask, 40))
-            self.assertEqual(tuple(p_vid.shape), (2, n_mask, 24))
+                for hook in hooks:
+                    hook.remove()
+                self.assertEqual(tuple(p_img.shape), (2, n_mask, 40))
+                self.assertEqual(tuple(p_vid.shape), (2, n_mask, 24))
+                for name, pred in (("img", p_img), ("vid", p_vid)):
+                    # independently, sample by sample: [down(visible) + pos[visible], mask token + pos[masked]] in, and
+                    # head(norm(.)) of the blocks' last n_mask outputs (the masked tubes in token order) out
+                    pos, decoder = getattr(m, f"pos_embed_{name}")[0], getattr(m, f"decoder_{name}")
+                    down = getattr(m, f"down_{name}")(seen["encoder"])  # (2, N_vis, Dd)
+                    expected = torch.stack([torch.cat([down[b] + pos[~mask[b]],
+                                                       getattr(m, f"mask_token_{name}")[0] + pos[mask[b]]])
+                                            for b in range(2)])
+                    torch.testing.assert_close(seen[name], expected)
+                    torch.testing.assert_close(pred, decoder.head(decoder.norm(seen[name + "_o"][:, -n_mask:])))
 
     def test_single_teacher_student_builds_one_decoder(self):
         m = _m_student(0, img_teacher_dim=0)
@@ -1572,6 +1605,11 @@ class TestMasks(unittest.TestCase):
         for num_patches, ratio in ((196, 0.75), (16, 0.75), (10, 0.33)):
             mask = data.random_mask(num_patches, ratio)
             self.assertEqual(int((~mask).sum()), int(num_patches * (1 - ratio)))
+        masks = torch.stack([data.random_mask(16, 0.75, torch.Generator().manual_seed(s)) for s in range(400)])
+        self.assertGreater(len({tuple(m.tolist()) for m in masks}), 300)  # another generator, another mask
+        frequency = masks.float().mean(0)  # every patch hidden about 3 times in 4 (4.6 standard deviations)
+        self.assertLess((frequency - 0.75).abs().max().item(), 0.1, frequency)
+        self.assertTrue(torch.equal(data.random_mask(16, 0.75, torch.Generator().manual_seed(3)), masks[3]))
 
     def test_video_random_mask_hides_tubes_anywhere_in_space_and_time(self):
         grid = (4, 4, 4)
@@ -2614,6 +2652,353 @@ class TestMixupCutmix(unittest.TestCase):
         self.assertTrue(torch.equal(targets, F.one_hot(labels, 4).float()) and torch.equal(mixed, video))
 
 
+class TestMixupPairing(unittest.TestCase):
+    """Issue 35 item 8: timm's pairing (the batch reversed), never a clip with the other view of its own video."""
+
+    def test_repeated_samples_are_never_mixed_with_their_own_video(self):
+        video = torch.arange(8.0).view(8, 1, 1, 1, 1).expand(8, 3, 4, 16, 16).clone()  # clip b is all b
+        labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # --num_sample 2: a video's two clips side by side
+        partner = torch.arange(7, -1, -1)  # timm: each clip with the batch reversed
+        y = F.one_hot(labels, 4).float()
+        for mixup_alpha, cutmix_alpha in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+            mix, kinds = data.mixup_cutmix(4, mixup_alpha, cutmix_alpha, label_smoothing=0.1), set()
+            torch.manual_seed(3)
+            for _ in range(20):
+                mixed, targets = mix(video.clone(), labels)
+                own, theirs = mixed == video, mixed == partner.view(8, 1, 1, 1, 1).float()
+                if (own | theirs).all():  # cutmix: each pixel is the clip's own or its partner's, lam = own area
+                    self.assertTrue((mixed == mixed[:, :1, :1]).all())  # one box in every frame and channel
+                    lam = own.float().mean((1, 2, 3, 4))
+                    kinds.add("cutmix")
+                else:  # mixup: one weight for the whole clip
+                    self.assertTrue((mixed == mixed[:, :1, :1, :1, :1]).all())
+                    lam = (mixed[:, 0, 0, 0, 0] - partner) / (torch.arange(8.0) - partner)
+                    kinds.add("mixup")
+                torch.testing.assert_close(lam, lam[:1].expand(8), atol=1e-5, rtol=0)  # one lam for the batch
+                expected = (lam[0] * y + (1 - lam[0]) * y.flip(0)) * 0.9 + 0.1 / 4  # smoothed after mixing
+                torch.testing.assert_close(targets, expected, atol=1e-5, rtol=0)
+                self.assertTrue((labels[partner] != labels).all())  # no partner is the other view of the same video
+            self.assertEqual(kinds, {k for k, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a})  # 1/2 each
+
+    def test_cutmix_boxes_as_timm_draws_them(self):
+        """The mean lam (own area) over many batches equals that of timm's rand_bbox with the lam correction,
+        simulated here in numpy: a box of half the side (or twice it) gives another mean."""
+        rng, lams = np.random.default_rng(0), []
+        for lam in rng.beta(1.0, 1.0, 20000):
+            cut = int(16 * np.sqrt(1 - lam))
+            cy, cx = rng.integers(0, 16, 2)
+            y0, y1, x0, x1 = (np.clip(v, 0, 16) for v in (cy - cut // 2, cy + cut // 2, cx - cut // 2, cx + cut // 2))
+            lams.append(1 - (y1 - y0) * (x1 - x0) / 256)
+        video = torch.arange(8.0).view(8, 1, 1, 1, 1).expand(8, 3, 2, 16, 16).clone()
+        mix, own = data.mixup_cutmix(4, 0.0, 1.0, label_smoothing=0.0), []
+        torch.manual_seed(0)
+        for _ in range(400):
+            own.append((mix(video, torch.arange(8) % 4)[0] == video)[0].float().mean().item())
+        self.assertLess(abs(np.mean(own) - np.mean(lams)), 4 * np.std(lams) / 20)  # 4 standard errors
+
+
+class TinyStages(unittest.TestCase):
+    """16 tiny synthetic videos and random tiny teachers saved as our checkpoints (32 px, patch 16, 4 frames)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="mvd_tiny_")
+        cls.list_path, cls.root = make_data(cls.tmp)
+        torch.manual_seed(0)
+        cls.image_teacher, cls.video_teacher = (os.path.join(cls.tmp, f"{k}_teacher.pth") for k in ("image", "video"))
+        M.save_checkpoint(cls.image_teacher, args={"model": "vit_tiny", "depth": 1, "mode": "image"},
+                          model=M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, depth=1).official_state_dict())
+        M.save_checkpoint(cls.video_teacher, args={"model": "vit_tiny", "depth": 1, "mode": "video"},
+                          model=M.VideoMAE("vit_tiny", 4, 32, 16, decoder_depth=0, depth=1).state_dict())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def options(self, stage, name, **changes):
+        """A tiny run of `stage` in its own folder: 16 clips, batch 4 -> 4 optimizer steps per epoch."""
+        opts = {"--model": "vit_tiny", "--depth": 1, "--input_size": 32, "--num_frames": 4, "--sampling_rate": 2,
+                "--batch_size": 4, "--num_workers": 0, "--epochs": 1, "--warmup_epochs": 0, "--log_every": 1,
+                "--data_path": self.list_path, "--data_root": self.root, "--output_dir": os.path.join(self.tmp, name)}
+        if stage is distill:
+            opts.update({"--decoder_depth": 1, "--image_teacher": self.image_teacher, "--patch_size": 16,
+                         "--video_teacher": self.video_teacher, "--drop_path": 0.0})
+        if stage is finetune:
+            opts["--data_path"] = self.tmp  # a folder without train.csv: refused after the output folder is held
+        opts.update({f"--{k}": v for k, v in changes.items()})
+        return opts
+
+
+def refusal(test, stage, argv):
+    """The argparse error of stage.get_args(argv): exit status 2 and one line. -> that line."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), test.assertRaises(SystemExit) as caught:
+        stage.get_args(argv + ["--precision", "fp32"])
+    test.assertEqual(caught.exception.code, 2, argv)
+    lines = [line for line in err.getvalue().splitlines() if "error:" in line]
+    test.assertEqual(len(lines), 1, err.getvalue())
+    return lines[0]
+
+
+class TestFlagRefusals(TinyStages):
+    """Issue 35 item 9: bad flags and lists are refused before any work, in one line naming the flag or file:line."""
+
+    def test_bad_flags_are_one_argparse_line_naming_the_flag(self):
+        cases = [(pretrain_mae, "--num_sample", "0", "at least 1"), (distill, "--num_sample", "-1", "at least 1"),
+                 (finetune, "--num_sample", "0", "at least 1"), (pretrain_mae, "--batch_size", "0", "at least 1"),
+                 (distill, "--epochs", "0", "at least 1"), (finetune, "--update_freq", "0", "at least 1"),
+                 (pretrain_mae, "--warmup_epochs", "-1", "0 or more"),
+                 (distill, "--sampling_rate", "-1", "0 or more (0 repeats one frame: the single-frame baseline)"),
+                 (finetune, "--test_num_segment", "0", "at least 1"), (finetune, "--test_num_crop", "0", "at least 1"),
+                 (finetune, "--smoothing", "2", "in [0, 1)"), (finetune, "--smoothing", "1", "in [0, 1)"),
+                 (finetune, "--mixup", "-1", "0 or more"), (finetune, "--cutmix", "-1", "0 or more"),
+                 (finetune, "--layer_decay", "2", "in (0, 1]"), (finetune, "--layer_decay", "0", "in (0, 1]")]
+        for stage, flag, value, what in cases:
+            line = refusal(self, stage, [flag, value])
+            shown = value if flag in ("--num_sample", "--batch_size", "--epochs", "--update_freq", "--warmup_epochs",
+                                      "--sampling_rate", "--test_num_segment", "--test_num_crop") else str(float(value))
+            self.assertTrue(line.endswith(f"error: {flag} {shown}: must be {what}"), (stage.__name__, line))
+        # the edges that stay valid: --sampling_rate 0 is the documented single-frame baseline
+        args = finetune.get_args(["--sampling_rate", "0", "--smoothing", "0", "--layer_decay", "1", "--mixup", "0",
+                                  "--cutmix", "0", "--warmup_epochs", "0", "--precision", "fp32"])
+        self.assertEqual((args.sampling_rate, args.smoothing, args.layer_decay), (0, 0.0, 1.0))
+
+    def test_mask_ratio_must_hide_one_cell_and_show_one_on_the_grid_it_draws_over(self):
+        grid = ["--input_size", "32", "--patch_size", "8", "--num_frames", "4"]  # 4x4 cells, 2 time steps
+        for stage, mode, cells, bad, good in (
+                (distill, ["--teacher_patch_size", "8"], 16, ("1.0", "1.5", "-0.5", "0.05"), ("0.97", "0.0625", "0.9")),
+                (pretrain_mae, ["--mode", "video"], 16, ("1.0", "0.0", "0.05"), ("0.9", "0.94")),
+                (pretrain_mae, ["--mode", "video", "--mask_type", "random"], 32, ("1.0", "0.03"), ("0.97", "0.04")),
+                # the image MAE keeps int(16 * (1 - ratio)) patches: 0.95 keeps none, 0.0 hides none
+                (pretrain_mae, ["--mode", "image"], 16, ("0.95", "0.0", "1.5", "-0.5"), ("0.9", "0.75", "0.07"))):
+            for ratio in bad:
+                line = refusal(self, stage, grid + mode + ["--mask_ratio", ratio])
+                self.assertTrue(line.endswith(f"error: --mask_ratio {float(ratio)}: must be a ratio hiding 1 to "
+                                              f"{cells - 1} of the {cells} cells its mask draws over"), line)
+            for ratio in good:
+                self.assertEqual(stage.get_args(grid + mode + ["--mask_ratio", ratio, "--precision", "fp32"])
+                                 .mask_ratio, float(ratio))
+
+    def test_list_errors_name_the_file_and_line_and_a_missing_root(self):
+        negative = write_list(os.path.join(self.tmp, "negative.csv"), ["v0.mp4 0", "v1.mp4 -1"])
+        with self.assertRaisesRegex(ValueError, r"negative.csv:2: expected 'path label' with a label 0 or more, got "
+                                                r"'v1.mp4 -1'$"):
+            data.read_list(negative)
+        latin = os.path.join(self.tmp, "latin.csv")
+        with open(latin, "wb") as f:
+            f.write("v0.mp4 0\ncafé.mp4 1\n".encode("latin-1"))
+        with self.assertRaisesRegex(ValueError, r"^\S*latin.csv is not UTF-8 text \(invalid continuation byte at byte "
+                                                r"12\): give a video list$"):
+            data.read_list(latin)
+        nowhere = os.path.join(self.tmp, "nowhere")
+        with self.assertRaisesRegex(ValueError, f"^--data_root {nowhere} does not exist: give the folder the paths of "
+                                                f"{self.list_path} are relative to$"):
+            data.VideoDataset(self.list_path, nowhere)
+        with self.assertRaisesRegex(ValueError, "--data_root .* does not exist"):  # every stage reads lists so
+            run_stage(pretrain_mae, self.options(pretrain_mae, "no_root", data_root=nowhere))
+
+    def test_an_output_dir_that_is_a_file_or_in_use_is_one_line_in_every_stage(self):
+        a_file = os.path.join(self.tmp, "a_file")
+        open(a_file, "w").close()
+        for stage in (pretrain_mae, distill, finetune):
+            with self.assertRaisesRegex(ValueError, f"^--output_dir {a_file} is a file, not a folder: give a folder$"):
+                run_stage(stage, {**self.options(stage, "x"), "--output_dir": a_file})
+        folder = os.path.join(self.tmp, "in_use")
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time, data; data.hold_folder(sys.argv[1]); "
+                                   "print('held', flush=True); time.sleep(300)", folder], cwd=HERE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            self.assertEqual(holder.stdout.readline().strip(), "held")
+            for stage in (pretrain_mae, distill, finetune):
+                with self.assertRaisesRegex(ValueError, f"^{folder} is being written by another run \\(pid "
+                                                        f"{holder.pid}: -c {folder}\\): wait for it to end, or give "
+                                                        "another --output_dir$"):
+                    run_stage(stage, self.options(stage, "in_use"))
+            self.assertEqual(os.listdir(folder), [".lock"])  # refused before any write
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+class TestOneRunPerFolder(TinyStages):
+    """Issue 35 item 14: a second run into a folder in use is refused; a rerun after a kill is not."""
+
+    def test_a_second_run_is_refused_and_a_killed_run_is_rerun_at_once(self):
+        folder = os.path.join(self.tmp, "one_run")
+        command = [sys.executable, "pretrain_mae.py", *flags(self.options(pretrain_mae, "one_run", epochs=1000,
+                                                                          num_workers=1, save_every_steps=1))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        first = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            lock = os.path.join(folder, ".lock")
+            for _ in range(1200):  # until the first run holds the folder
+                if os.path.exists(lock) and open(lock).read().startswith(f"pid {first.pid}:"):
+                    break
+                self.assertIsNone(first.poll(), "the first run ended early")
+                time.sleep(0.1)
+            second = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+            self.assertNotEqual(second.returncode, 0)
+            self.assertRegex(second.stderr, f"^pretrain_mae.py: error: {folder} is being written by another run "
+                                            f"\\(pid {first.pid}: pretrain_mae.py --precision fp32 .*\\): wait for it "
+                                            "to end, or give another --output_dir\n$")
+            self.assertIsNone(first.poll(), "the first run goes on")
+            first.send_signal(signal.SIGKILL)  # a kill, its loader worker orphaned, and at once a rerun: not refused
+            first.wait()
+            rerun = subprocess.run(command + ["--epochs", "1"], cwd=HERE, env=env, capture_output=True, text=True,
+                                   timeout=300)  # resumes the killed run's checkpoint, if any, and ends
+            self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+            self.assertIn("done: teacher weights in", rerun.stdout)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+
+
+class TestResumeRule(TinyStages):
+    """Issue 35 item 10: a resumed run keeps the checkpoint's total batch and --num_sample, at an epoch boundary too."""
+
+    def test_a_changed_total_batch_is_refused_at_an_epoch_boundary_and_an_equal_split_accepted(self):
+        run_stage(pretrain_mae, self.options(pretrain_mae, "boundary", lr=1e-3))  # epoch 0 done, total batch 4
+        folder = os.path.join(self.tmp, "boundary")
+        with self.assertRaisesRegex(ValueError, f"^{folder}/checkpoint-last.pth was trained with a total batch of 4 "
+                                                r"videos, this run's is 2 \(1 x 2 x 1\): another lr and other steps; "
+                                                r"restart with processes x --batch_size x --update_freq = 4$"):
+            run_stage(pretrain_mae, self.options(pretrain_mae, "boundary", lr=1e-3, epochs=2, batch_size=2))
+        with self.assertRaisesRegex(ValueError, "trained with --num_sample 1, this run has 2: pass --num_sample 1"):
+            run_stage(pretrain_mae, self.options(pretrain_mae, "boundary", lr=1e-3, epochs=2, batch_size=2,
+                                                 num_sample=2))
+        _, printed = run_stage(pretrain_mae, self.options(pretrain_mae, "boundary", lr=1e-3, epochs=2, batch_size=2,
+                                                          update_freq=2))
+        self.assertIn("epoch 0 done", printed)
+        self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["total_batch"], 4)
+
+
+class TestDiskFull(TinyStages):
+    """Issue 35 item 13: a full disk while a checkpoint is written is one line; the last good checkpoint is kept."""
+    TORCH_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 79871488 vs 79871376"
+
+    def test_one_line_naming_the_folder_and_the_last_good_checkpoint_and_no_temporary(self):
+        folder = os.path.join(self.tmp, "full")
+        last = os.path.join(folder, "checkpoint-last.pth")
+        M.save_checkpoint(last, model={"w": torch.ones(1)})
+        for error in (RuntimeError(self.TORCH_ERROR), OSError(errno.ENOSPC, "No space left on device")):
+            for name in ("checkpoint-last.pth", "checkpoint-4.pth"):
+                with mock.patch.object(torch, "save", side_effect=error), self.assertRaises(ValueError) as caught:
+                    M.save_checkpoint(os.path.join(folder, name), model={"w": torch.zeros(1)})
+                self.assertRegex(str(caught.exception), f"^{folder} is full \\(\\d+ MiB free\\): {name} was not "
+                                                        f"written; the last good checkpoint is {last}: free space, "
+                                                        "then resume$")
+                self.assertEqual(os.listdir(folder), ["checkpoint-last.pth"])  # no temporary left
+                self.assertEqual(load(last)["model"]["w"].item(), 1.0)  # the last good one intact
+        with mock.patch.object(torch, "save", side_effect=RuntimeError("another error")), \
+                self.assertRaisesRegex(RuntimeError, "^another error$"):  # other errors go on as they are
+            M.save_checkpoint(last, model={})
+
+    def test_a_stage_stops_in_one_line_when_the_disk_fills_during_its_run(self):
+        write, calls = torch.save, []
+
+        def save(obj, f):
+            calls.append(1)
+            if len(calls) > 2:
+                raise RuntimeError(self.TORCH_ERROR)
+            write(obj, f)
+
+        folder = os.path.join(self.tmp, "full_run")
+        with mock.patch.object(torch, "save", save), self.assertRaises(ValueError) as caught:
+            run_stage(pretrain_mae, self.options(pretrain_mae, "full_run", save_every_steps=1))
+        self.assertRegex(str(caught.exception), f"^{folder} is full .*the last good checkpoint is "
+                                                f"{folder}/checkpoint-last.pth: free space, then resume$")
+        self.assertEqual(load(os.path.join(folder, "checkpoint-last.pth"))["step"], 2)
+        self.assertEqual(sorted(os.listdir(folder)), [".lock", "checkpoint-last.pth"])  # no temporary left
+
+
+    def test_a_full_disk_while_a_log_is_written_is_one_line_from_the_command_line(self):
+        folder, write = os.path.join(self.tmp, "full_log"), open
+
+        def full(path, *args, **kwargs):  # the log line finds the disk full
+            if str(path).endswith("log.txt") and args[:1] == ("a",):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return write(path, *args, **kwargs)
+
+        argv = ["pretrain_mae.py", *flags(self.options(pretrain_mae, "full_log", save_every_steps=1))]
+        with mock.patch.object(M, "open", full, create=True), mock.patch.object(sys, "argv", argv), \
+                contextlib.redirect_stdout(io.StringIO()), self.assertRaises(SystemExit) as caught:
+            try:
+                runpy.run_path(os.path.join(HERE, "pretrain_mae.py"), run_name="__main__")
+            finally:
+                release_folders()
+        self.assertRegex(caught.exception.code, f"^pretrain_mae.py: error: {folder} is full \\(\\d+ MiB free\\): "
+                                                f"{folder}/log.txt was not written; the last good checkpoint is "
+                                                f"{folder}/checkpoint-last.pth: free space, then resume$")
+        with self.assertRaises(PermissionError):  # any other OSError stays a traceback
+            M.one_line(PermissionError(errno.EACCES, "Permission denied"), folder)
+
+
+class TestSuiteGaps(TinyStages):
+    """Issue 35 item 15: what the suite let through (each test fails on the one-line bug it names)."""
+
+    def test_normalize_is_the_imagenet_formula(self):  # fails with mean and std swapped
+        x = torch.randint(256, (2, 3, 2, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        expected = (x.numpy() / 255.0 - mean[:, None, None, None]) / std[:, None, None, None]
+        np.testing.assert_allclose(data.normalize(x.clone()).numpy(), expected, atol=1e-5)
+        images = x[:, :, 0]  # (B, 3, H, W), and channels last
+        np.testing.assert_allclose(data.normalize(images.clone()).numpy(), expected[:, :, 0], atol=1e-5)
+        np.testing.assert_allclose(data.normalize(images.permute(0, 2, 3, 1).clone(), channel_dim=-1).numpy(),
+                                   expected[:, :, 0].transpose(0, 2, 3, 1), atol=1e-5)
+
+    def test_step_randomness_differs_between_epochs_and_seeds(self):  # fails with the same step seeds every epoch
+        def drop_path_masks(seed, epochs):
+            """The drop-path masks (16 samples, rate 0.5) train_one_epoch's steps draw, per epoch."""
+            args = SimpleNamespace(seed=seed, update_freq=1, epochs=epochs, warmup_epochs=0, lr=0.1, min_lr=0.0,
+                                   batch_size=1, num_sample=1, save_every_steps=0, save_every_minutes=0, log_every=100,
+                                   clip_grad=None, output_dir=self.tmp)
+            env = SimpleNamespace(ddp=False, rank=0, world_size=1, device=torch.device("cpu"), is_main=False,
+                                  dtype=torch.float32, scaler=torch.amp.GradScaler("cpu", enabled=False))
+            layer = torch.nn.Linear(1, 1)
+            optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+            loader = data.make_loader(Numbers(3), 1, num_workers=0)
+            masks, start = {}, SimpleNamespace(epoch=0, step=0, sums={}, count=0)
+
+            def loss_fn(batch):
+                masks.setdefault(int(batch["epoch"][0]), []).append(
+                    M.DropPath(0.5).train()(torch.ones(16, 1)).flatten() > 0)
+                return layer(torch.ones(1)).sum(), {}
+
+            for epoch in range(epochs):
+                M.train_one_epoch(args, env, layer, loader, optimizer, epoch, loss_fn, start)
+            return {epoch: torch.stack(m) for epoch, m in masks.items()}  # (steps, 16) each
+
+        a = drop_path_masks(0, 2)
+        self.assertFalse(torch.equal(a[0], a[1]), "epoch 1's steps drew epoch 0's drop-path masks")
+        self.assertTrue(torch.equal(drop_path_masks(0, 1)[0], a[0]))  # the same (seed, epoch, step): the same draws
+        self.assertFalse(torch.equal(drop_path_masks(1, 1)[0], a[0]), "--seed must change the draws")
+
+    def test_drop_path_rises_linearly_over_the_depth(self):  # fails with every block given the full rate
+        models = [M.MVDStudent("vit_tiny", 4, 32, decoder_depth=3, img_teacher_dim=8, vid_teacher_dim=8, patch_size=16,
+                               drop_path=0.3, depth=5),
+                  M.VideoClassifier("vit_tiny", 3, 4, 32, 16, drop_path=0.3, depth=5),
+                  M.ImageMAE("vit_tiny", 32, 16, decoder_depth=0, drop_path=0.3, depth=5),
+                  M.VideoMAE("vit_tiny", 4, 32, 16, decoder_depth=0, drop_path=0.3, depth=5).encoder]
+        for model in models:
+            rates = [block.drop_path.p for block in model.blocks]
+            torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 5), msg=type(model).__name__)
+        for decoder in (models[0].decoder_img, models[0].decoder_vid):
+            torch.testing.assert_close(torch.tensor([b.drop_path.p for b in decoder.blocks]), torch.linspace(0, 0.3, 3))
+
+    def test_distillation_scales_min_lr_with_the_total_batch_of_clips(self):  # fails with min_lr left unscaled
+        args = distill.get_args(flags(self.options(distill, "min_lr", min_lr=1e-4, blr=0.064, num_sample=2,
+                                                   batch_size=2)))
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            try:
+                distill.main(args)
+            finally:
+                release_folders()
+        self.assertAlmostEqual(args.min_lr, 1e-4 * 4 / 256)  # 2 videos x 2 clips
+        self.assertAlmostEqual(args.lr, 0.064 * 4 / 256)
+        self.assertIn("lr 0.001, min_lr 1.56e-06", out.getvalue())
+
+
 class TestImageDataset(DatasetCase):
     def test_image_folder_and_video_frames(self):
         folder = os.path.join(self.dir, "images")
@@ -2781,9 +3166,19 @@ def run_stage(stage, options, seed=None):
     process's default generator is seeded at random, so a run must depend on --seed only, never on that state."""
     out = io.StringIO()
     torch.manual_seed(next(FRESH) if seed is None else seed)
-    with contextlib.redirect_stdout(out):
-        trained = stage.main(stage.get_args(flags(options)))
+    try:
+        with contextlib.redirect_stdout(out):
+            trained = stage.main(stage.get_args(flags(options)))
+    finally:
+        release_folders()
     return trained, out.getvalue()
+
+
+def release_folders():
+    """What the end of a process does to its data.hold_folder locks: a stage run in this process stands for one."""
+    for handle in data._HELD.values():
+        handle.close()
+    data._HELD.clear()
 
 
 def run_ddp(script, options, nproc=2):
@@ -2869,7 +3264,7 @@ def max_weight_diff(test, a, b):
 def training_checkpoint(test, folder):
     """The training checkpoint a stage left in folder, without its 'args' (they name the folder)."""
     state = load(os.path.join(folder, "checkpoint-last.pth"))
-    test.assertEqual(sorted(state), ["args", "epoch", "model", "optimizer", "scaler"])
+    test.assertEqual(sorted(state), ["args", "epoch", "model", "optimizer", "scaler", "total_batch"])
     state.pop("args")
     return state
 
@@ -3176,8 +3571,9 @@ class TestPretrainMAE(unittest.TestCase):
         run_stage(pretrain_mae, self.options("split_a", **opts))
         b4, b2 = self.options("split_b", **opts), self.options("split_b", batch_size=2, **opts)
         killed_and_restarted(lambda: run_stage(pretrain_mae, b4), [7], finish=False)  # reads 1-4, checkpoint 5, 6-
-        with self.assertRaisesRegex(ValueError, r"inside epoch 0 with a total batch of 4, this run's is 2 \(1 x 2 x 1\)"
-                                                r": restart with processes x --batch_size x --update_freq = 4"):
+        with self.assertRaisesRegex(ValueError, r"trained with a total batch of 4 videos, this run's is 2 \(1 x 2 x "
+                                                r"1\): another lr and other steps; restart with processes x "
+                                                r"--batch_size x --update_freq = 4$"):
             run_stage(pretrain_mae, b2)  # its steps would see other samples
         (_, printed), reads = killed_and_restarted(lambda: run_stage(pretrain_mae, {**b2, "--update_freq": 2}), [])
         self.assertIn("epoch 0 at optimizer step 1", printed)
@@ -3571,6 +3967,10 @@ class TestDistill(unittest.TestCase):
         diff = max_weight_diff(self, a["model"], b["model"])
         self.assertEqual(diff, 0.0, "distill.main must call torch.manual_seed(args.seed) before building the student "
                                     "(and any random teacher)")
+        # ... and --seed itself sets the student's initial weights (lr 0 throughout: the run ends with them)
+        initial = [run_stage(distill, self.options(f"seed_{seed}", blr=0.0, min_lr=0.0, seed=seed))[0].state_dict()
+                   for seed in (0, 1)]
+        self.assertFalse(torch.equal(initial[0]["blocks.0.attn.qkv.weight"], initial[1]["blocks.0.attn.qkv.weight"]))
 
     def test_the_same_command_in_two_processes_gives_the_same_weights(self):
         """Nothing numeric is chosen by a timing: the same command (default --precision auto, drop path on) run as
@@ -3676,8 +4076,11 @@ def run_finetune(options, seed=0):
     """get_args + main of finetune.py in this process from a seeded global RNG. -> (raw model, printed text)."""
     out = io.StringIO()
     torch.manual_seed(seed)
-    with contextlib.redirect_stdout(out):
-        trained = finetune.main(finetune.get_args(flags(options)))
+    try:
+        with contextlib.redirect_stdout(out):
+            trained = finetune.main(finetune.get_args(flags(options)))
+    finally:
+        release_folders()
     return trained, out.getvalue()
 
 
