@@ -22,7 +22,7 @@ import data
 from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
                    add_training_flags, agree, bench_steps, check_flags, check_trained_with, clips_per_video,
                    fill_defaults, load_checkpoint, mask_ratio_rule, one_line, param_groups, read_checkpoint, resume,
-                   save_checkpoint, saved_args, setup_distributed, train_one_epoch, training_step)
+                   save_checkpoint, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
@@ -161,14 +161,12 @@ def main(args):
                               num_workers=args.num_workers, device_type=env.device.type)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases and
     # norms (the student's mask tokens decay, as the official)
-    total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size
-    args.lr = args.lr or args.blr * total_batch / 256
-    args.min_lr = args.min_lr * total_batch / 256
+    total = scale_lr(args, env)
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
-        print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total_batch} "
+        print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total} "
               f"({env.world_size} x {args.batch_size} x {args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, "
               f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch", flush=True)
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'

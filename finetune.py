@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, bench_steps, check_flags,
                    check_trained_with, checkpoint_to_resume, fill_defaults, load_checkpoint, one_line, param_groups,
-                   read_checkpoint, resume, saved_args, setup_distributed, train_one_epoch, training_step)
+                   read_checkpoint, resume, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -126,7 +126,7 @@ def average_views(fn, loader, env, num_videos, width):
         place += env.world_size * len(batch["index"])
         keep = batch["ok"] & (places < len(loader.dataset))
         if keep.any():
-            with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+            with env.autocast():
                 out = fn(batch["video"][keep].to(env.device, non_blocking=True)).double()
             index = batch["index"][keep].to(env.device)
             sums.index_add_(0, index, out)
@@ -152,27 +152,62 @@ def evaluate(model, loader, env, num_classes):
 
 
 def main(args):
-    # 1. Devices and DDP
+    # 1. Devices and DDP, and the checkpoint this run continues or evaluates (the same on every rank)
     env = setup_distributed(args)
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
     run_state = agree("the checkpoint to resume or evaluate", checkpoint_to_resume(args),
                       "give every node the same one, or --no-auto_resume")
-    weights_only = args.eval or args.extract_features  # from --finetune, else --resume, else last
-    if weights_only and not (args.finetune or run_state):
-        raise ValueError("nothing to evaluate or show: give --finetune PATH or --resume PATH (or train first)")
+    if (args.eval or args.extract_features) and not (args.finetune or run_state):
+        raise ValueError("nothing to evaluate: give --finetune PATH or --resume PATH (or train first)")
     # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
     if args.data_path is None and not args.bench:
         data.use_synthetic_set(args, "appearance")  # the appearance task's train.csv and val.csv
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
-    segment = args.data_set == "SSV2"
-    common = dict(num_frames=args.num_frames, sampling_rate=args.sampling_rate, sampling="segment" if segment else
-                  "dense", input_size=args.input_size, seed=args.seed, output_dir=args.output_dir,
-                  max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
+    loaders = make_loaders(args, env)
+    top = {split: max(label for _, label in loader.dataset.items) for split, loader in loaders.items()}
+    nb_classes = args.nb_classes or 1 + top.get("train", max(top.values(), default=399))  # --bench: K400's 400
+    if max(top.values(), default=0) >= nb_classes:
+        raise ValueError(f"labels up to {max(top.values())} in the lists, but --nb_classes is {nb_classes}")
+    # 3. Model: frozen encoder + BatchNorm/linear head for a linear probe; the layer norms' epsilon of the weights it
+    # starts from (a Hub VideoMAE's 1e-12, else 1e-6), recorded in this run's checkpoints
+    weights = (args.finetune or run_state) if args.eval or args.extract_features else run_state or args.finetune
+    args.layer_norm_eps = saved_args(read_checkpoint(weights)).get("layer_norm_eps", 1e-6) if weights else 1e-6
+    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
+    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
+                          drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
+                          pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth,
+                          eps=args.layer_norm_eps)
+    if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
+        raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
+        raw.requires_grad_(False).head.requires_grad_(True)
+    raw.to(env.device)
     if args.bench:
-        lists = {}
-    elif args.extract_features:
+        return bench(args, env, raw, nb_classes)
+    # 4. One mode: features or an evaluation of given weights, or training (a fresh run starts from --finetune)
+    if args.eval or args.extract_features:  # the weights of --finetune, else of this run's checkpoint
+        missing, _ = load_pretrained(raw, weights, args.pos_embed)
+        if args.extract_features:
+            return extract_features(args, env, raw, loaders["features"])
+        if any(key.startswith("head.") for key in missing):
+            print("WARNING: the checkpoint has no head for these classes: this evaluates a random head")
+        return evaluate_once(args, env, raw, loaders, nb_classes, weights)
+    if args.finetune and run_state:
+        print(f"resuming this run from {run_state}: --finetune {args.finetune} is not read")
+    elif args.finetune:
+        load_pretrained(raw, args.finetune, args.pos_embed)
+    else:
+        print("no --finetune: training from a random initialisation (a baseline; the student is "
+              "--finetune output/distill/checkpoint-last.pth)")
+    return train(args, env, raw, loaders, nb_classes)
+
+
+def make_loaders(args, env):
+    """{split: loader}: train.csv (augmented clips), val.csv and test.csv (every view), or for --extract_features the
+    list (val.csv of a folder) with one centre crop of one clip; none for --bench."""
+    if args.bench:
+        return {}
+    if args.extract_features:
         lists = {"features": os.path.join(args.data_path, "val.csv") if os.path.isdir(args.data_path) else args.data_path}
     else:
         lists = {split: os.path.join(args.data_path, f"{split}.csv") for split in ("train", "val", "test")}
@@ -180,119 +215,108 @@ def main(args):
         if not ({"val", "test"} & set(lists) if args.eval else {"train", "val"} <= set(lists)):
             raise ValueError(f"--data_path {args.data_path} must be a folder holding train.csv and val.csv "
                              "(--eval: val.csv or test.csv)")
-    flip = not segment if args.flip is None else args.flip
+    segment = args.data_set == "SSV2"  # segment sampling, and no flip: left and right are in its labels
+    views = (1, 1) if args.extract_features else (args.test_num_segment, args.test_num_crop)
     sets = {split: data.VideoDataset(path, args.data_root, mode="train" if split == "train" else "test",
-                                     num_sample=args.num_sample, flip=flip, rand_augment=args.rand_augment,
-                                     erase_prob=args.reprob, crop_scale=args.crop_scale,
-                                     short_side_size=args.short_side_size,
-                                     test_num_segment=1 if split == "features" else args.test_num_segment,
-                                     test_num_crop=1 if split == "features" else args.test_num_crop, **common)
-            for split, path in lists.items()}  # features: one centre crop of one clip (data.py: the first in time)
-    top = {split: max(label for _, label in d.items) for split, d in sets.items()}  # the largest label of each list
-    nb_classes = args.nb_classes or 1 + top.get("train", max(top.values(), default=399))  # --bench: K400's 400
-    if max(top.values(), default=0) >= nb_classes:
-        raise ValueError(f"labels up to {max(top.values())} in the lists, but --nb_classes is {nb_classes}")
-    loaders = {split: data.make_loader(d, args.batch_size * (1 if split == "train" else args.num_sample),
-                                       seed=args.seed, rank=env.rank, world_size=env.world_size,
-                                       shuffle=split == "train", drop_last=split == "train",
-                                       num_workers=args.num_workers, device_type=env.device.type)
-               for split, d in sets.items()}
-    # 3. Model: weights from --finetune for a fresh run; frozen encoder + BatchNorm/linear head for a linear probe
-    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
-    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
-                          drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
-                          pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth)
-    if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
-        raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
-        raw.requires_grad_(False).head.requires_grad_(True)
-    raw.to(env.device)
-    model = raw  # DDP-wrapped below, once the checkpoint is restored
+                                     num_frames=args.num_frames, sampling_rate=args.sampling_rate,
+                                     sampling="segment" if segment else "dense", input_size=args.input_size,
+                                     num_sample=args.num_sample, flip=not segment if args.flip is None else args.flip,
+                                     rand_augment=args.rand_augment, erase_prob=args.reprob, crop_scale=args.crop_scale,
+                                     short_side_size=args.short_side_size, test_num_segment=views[0],
+                                     test_num_crop=views[1], seed=args.seed, output_dir=args.output_dir,
+                                     max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
+            for split, path in lists.items()}
+    return {split: data.make_loader(d, args.batch_size * (1 if split == "train" else args.num_sample),
+                                    seed=args.seed, rank=env.rank, world_size=env.world_size, shuffle=split == "train",
+                                    drop_last=split == "train", num_workers=args.num_workers,
+                                    device_type=env.device.type) for split, d in sets.items()}
+
+
+def loss_function(args, env, model, nb_classes):
+    """loss_fn(batch) -> (loss, {}): soft-target cross entropy on mixed clips, as the official (timm's
+    SoftTargetCrossEntropy after its Mixup)."""
     mix = data.mixup_cutmix(nb_classes, args.mixup, args.cutmix, args.smoothing)
 
-    def loss_fn(batch):  # soft-target cross entropy on mixed clips, as the official (timm's SoftTargetCrossEntropy)
-        video, labels = batch["video"].to(env.device, non_blocking=True), batch["label"].to(env.device)  # B x n clips
+    def loss_fn(batch):
+        video, labels = batch["video"].to(env.device, non_blocking=True), batch["label"].to(env.device)  # B x R clips
         video, targets = mix(video, labels)
         return F.cross_entropy(model(video).float(), targets), {}
+    return loss_fn
 
-    if args.bench:
-        return bench(args, env, raw, loss_fn, nb_classes)
-    if weights_only:
-        missing, _ = load_pretrained(raw, args.finetune or run_state, args.pos_embed)
-        if args.eval and any(key.startswith("head.") for key in missing):
-            print("WARNING: the checkpoint has no head for these classes: this evaluates a random head")
-    elif args.finetune and run_state:
-        print(f"resuming this run from {run_state}: --finetune {args.finetune} is not read")
-    elif args.finetune:
-        load_pretrained(raw, args.finetune, args.pos_embed)
-    else:
-        print("no --finetune: training from a random initialisation (a baseline; the student is "
-              "--finetune output/distill/checkpoint-last.pth)")
-    if args.extract_features:
-        feats, counts = average_views(raw.eval().features, loaders["features"], env, len(sets["features"].items),
-                                      raw.dim)
-        if env.is_main:
-            np.save(args.extract_features, feats.float().cpu().numpy())
-            print(f"features of {int((counts > 0).sum())} videos ({int((counts == 0).sum())} unreadable: NaN rows), "
-                  f"shape {tuple(feats.shape)}, in {args.extract_features}")
-        return raw
 
-    def evaluate_split(split, epoch):
-        """Evaluate, print one JSON line and write OUTPUT_DIR/predictions.csv (path, label, predicted class, its
-        probability; empty for a video without a readable view). -> the stats, for the epoch's log line."""
-        stats, probs, counts = evaluate(raw, loaders[split], env, nb_classes)
-        stats = {"epoch": epoch, "split": split, **stats}
-        if env.is_main:
-            print(json.dumps(stats), flush=True)
-            if stats["unreadable"]:
-                print(f"WARNING: {stats['unreadable']} videos had no readable view and are not counted "
-                      f"(see {os.path.join(args.output_dir, 'bad_videos.txt')})")
-            rows = [[path, label, int(p.argmax()), f"{p.max():.6f}"] if n else [path, label, "", ""]
-                    for (path, label), p, n in zip(sets[split].items, probs, counts)]
-            with open(os.path.join(args.output_dir, "predictions.csv"), "w", newline="") as f:
-                csv.writer(f).writerows([["path", "label", "prediction", "probability"], *rows])
-        return {f"test_{k}": v for k, v in stats.items() if k != "epoch"}
-
-    final_split = "test" if "test" in sets else "val"
-    if args.eval:
-        stats = evaluate_split(final_split, None)
-        if env.is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"eval": args.finetune or run_state, **stats}) + "\n")
-        return raw
-    # 4. Optimizer: AdamW (0.9, 0.999), layer-wise lr decay, lr and min_lr scaled with the total batch
-    total_batch = args.batch_size * args.update_freq * env.world_size  # videos, as the official (not x num_sample)
-    args.lr = args.lr or args.blr * total_batch / 256
-    args.min_lr = args.min_lr * total_batch / 256
+def train(args, env, raw, loaders, nb_classes):
+    """Fine-tuning or a linear probe: AdamW (0.9, 0.999) with layer-wise lr decay, lr and min_lr scaled with the total
+    batch of videos; evaluation every --eval_freq epochs and after the last (test.csv if present), then each epoch's log
+    line and checkpoint (a run killed during an evaluation resumes inside the epoch and evaluates once)."""
+    total = scale_lr(args, env, clips=False)  # videos, as the official (not x num_sample)
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
                                   betas=(0.9, 0.999))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
         print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
-              f"batch {total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
+              f"batch {total} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
               f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch", flush=True)
-    # 5. Loop: evaluation every --eval_freq epochs and after the last, then the epoch's log line and checkpoint (a run
-    # killed during an evaluation resumes from a checkpoint inside the epoch and evaluates once, after its last step)
+    final = "test" if "test" in loaders else "val"
+
     def evaluate_due(epoch):
-        last, due = epoch + 1 == args.epochs, (epoch + 1) % args.eval_freq == 0
-        return evaluate_split(final_split, epoch) if last else evaluate_split("val", epoch) if due else {}
+        split = final if epoch + 1 == args.epochs else "val" if (epoch + 1) % args.eval_freq == 0 else None
+        return evaluate_and_report(args, env, raw, loaders[split], nb_classes, split, epoch) if split else {}
 
     for epoch in range(start.epoch, args.epochs):
-        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_fn, start, evaluate_due)
+        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_function(args, env, model, nb_classes),
+                        start, evaluate_due)
     if env.is_main:
-        print(f"done: classifier weights in {last}")
+        print(f"done: classifier weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw
 
 
-def bench(args, env, model, loss_fn, nb_classes):
+def evaluate_once(args, env, model, loaders, nb_classes, weights):
+    """--eval: the final split (test.csv if present, else val.csv), its line appended to OUTPUT_DIR/log.txt."""
+    split = "test" if "test" in loaders else "val"
+    stats = evaluate_and_report(args, env, model, loaders[split], nb_classes, split, None)
+    if env.is_main:
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps({"eval": weights, **stats}) + "\n")
+    return model
+
+
+def evaluate_and_report(args, env, model, loader, nb_classes, split, epoch):
+    """Evaluate, print one JSON line and write OUTPUT_DIR/predictions.csv (path, label, predicted class, its
+    probability; empty for a video without a readable view). -> the stats, for the epoch's log line."""
+    stats, probs, counts = evaluate(model, loader, env, nb_classes)
+    stats = {"epoch": epoch, "split": split, **stats}
+    if env.is_main:
+        print(json.dumps(stats), flush=True)
+        if stats["unreadable"]:
+            print(f"WARNING: {stats['unreadable']} videos had no readable view and are not counted "
+                  f"(see {os.path.join(args.output_dir, 'bad_videos.txt')})")
+        rows = [[path, label, int(p.argmax()), f"{p.max():.6f}"] if n else [path, label, "", ""]
+                for (path, label), p, n in zip(loader.dataset.items, probs, counts)]
+        with open(os.path.join(args.output_dir, "predictions.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([["path", "label", "prediction", "probability"], *rows])
+    return {f"test_{k}": v for k, v in stats.items() if k != "epoch"}
+
+
+def extract_features(args, env, model, loader):
+    """--extract_features OUT.npy: the pooled features of every video of the list, float32 (videos, D), NaN rows for
+    videos without a readable view."""
+    feats, counts = average_views(model.eval().features, loader, env, len(loader.dataset.items), model.dim)
+    if env.is_main:
+        np.save(args.extract_features, feats.float().cpu().numpy())
+        print(f"features of {int((counts > 0).sum())} videos ({int((counts == 0).sum())} unreadable: NaN rows), "
+              f"shape {tuple(feats.shape)}, in {args.extract_features}")
+    return model
+
+
+def bench(args, env, model, nb_classes):
     """Fine-tuning steps on random clips (no data loading, mixup included): one JSON line."""
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay, model.depth), lr=1e-4)
     B, S, T = args.batch_size, args.input_size, args.num_frames
     batch = {"video": torch.randn(B * args.num_sample, 3, T, S, S, device=env.device),
              "label": torch.randint(nb_classes, (B,), device=env.device).repeat_interleave(args.num_sample)}
-
+    loss_fn = loss_function(args, env, model, nb_classes)
     step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
-
     print(json.dumps({"model": args.model, "precision": args.precision, "batch_size": B, "num_sample": args.num_sample,
                       "frames": T, "input_size": S, **bench_steps(step, args.bench, B * args.num_sample)}))
 

@@ -679,6 +679,19 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
 
 
 # ------------------------------- The loop the three stages share: resume, one epoch of optimizer steps, --bench
+def total_batch(args, env, clips=True):
+    """Samples an optimizer step takes over every process, as the official code counts them for the lr: clips (batch
+    x --num_sample) in pretraining and distillation, videos in fine-tuning (clips=False)."""
+    return args.batch_size * (args.num_sample if clips else 1) * args.update_freq * env.world_size
+
+
+def scale_lr(args, env, clips=True):
+    """--lr (else --blr) and --min_lr as the official scripts: x total batch / 256. -> the total batch."""
+    total = total_batch(args, env, clips)
+    args.lr, args.min_lr = args.lr or args.blr * total / 256, args.min_lr * total / 256
+    return total
+
+
 def resume(args, env, model, optimizer):
     """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
@@ -698,10 +711,10 @@ def resume(args, env, model, optimizer):
     # set the lr (it follows the total batch of clips in pretraining and distillation, of videos in fine-tuning, as the
     # official) and its schedule, and which samples each step sees.
     check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)
-    total_batch = args.batch_size * args.update_freq * env.world_size
-    if state.get("total_batch", total_batch) != total_batch:  # end-of-epoch checkpoints of older runs record none
+    videos = total_batch(args, env, clips=False)
+    if state.get("total_batch", videos) != videos:  # end-of-epoch checkpoints of older runs record none
         raise ValueError(f"{path} was trained with a total batch of {state['total_batch']} videos, this run's is "
-                         f"{total_batch} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and "
+                         f"{videos} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and "
                          f"other steps; restart with processes x --batch_size x --update_freq = {state['total_batch']}")
     start = SimpleNamespace(epoch=state["epoch"] if mid_epoch else state["epoch"] + 1, step=state.get("step", 0),
                             sums=state.get("sums", {}), count=state.get("count", 0))
@@ -722,14 +735,16 @@ def resume(args, env, model, optimizer):
     return start
 
 
-def save_training_state(args, model, optimizer, scaler, epoch, progress=None):
-    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq; weights in the official layout,
-    the total batch of videos (resume() holds a resumed run to it). progress: dict(step, sums, count) for a
-    checkpoint-last.pth written inside the epoch."""
+def save_training_state(args, env, model, optimizer, epoch, progress=None):
+    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq, by each node's first process
+    (nodes need not share a disk; every rank holds rank 0's state); weights in the official layout, the total batch of
+    videos (resume() holds a resumed run to it). progress: dict(step, sums, count) inside the epoch."""
+    share_buffers(env, model)
+    if not env.local_main:
+        return
     weights = model.official_state_dict() if hasattr(model, "official_state_dict") else model.state_dict()
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                 total_batch=args.batch_size * args.update_freq * world_size, **(progress or {}),
+    state = dict(model=weights, optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), epoch=epoch,
+                 total_batch=total_batch(args, env, clips=False), **(progress or {}),
                  args={k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(args).items()})
     # checkpoint-{epoch}.pth first: a run killed between the two writes redoes the epoch and writes both
     if progress is None and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
@@ -754,9 +769,6 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     steps_per_epoch = len(loader) // args.update_freq
     micro_batches = steps_per_epoch * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
-    def share_buffers():  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on
-        for buffer in raw.buffers() if env.ddp else ():  # every rank: for evaluation and every node's checkpoint
-            dist.broadcast(buffer, 0)
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
@@ -765,70 +777,82 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
     for i, batch in enumerate(itertools.islice(loader, micro_batches - first), start=first):
         waited += time.time() - ready
         step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
-        if i % args.update_freq == 0:
+        if i % args.update_freq == 0:  # 1. a new optimizer step: its random stream and its lr
             torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
             for group in optimizer.param_groups:
                 group["lr"] = group.get("lr_scale", 1.0) * cosine_schedule(
                     step, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch, args.lr, args.min_lr)
         last_micro = (i + 1) % args.update_freq == 0
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
-        with sync(), torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+        with sync(), env.autocast():  # 2. the loss, its means over the ranks, backward
             loss, logs = loss_fn(batch)
         late = bool(args.save_every_minutes) and time.time() - last_save >= 60 * args.save_every_minutes
-        check = torch.cat([loss.detach().double().reshape(1),  # this rank's loss, logs and clock, summed over the
-                           torch.tensor([*logs.values(), late], dtype=torch.float64, device=loss.device)])  # ranks:
-        if env.ddp:  # every rank stops together (the others would hang in the next all-reduce), saves together
-            dist.all_reduce(check)  # (when any rank's clock says it is time) and logs the mean over the ranks
-        if not torch.isfinite(check).all():
-            raise NonFiniteLoss(f"loss is {check[0].item()} at epoch {epoch}, step {i} (global step {step}): stopping; "
-                                f"the last good checkpoint in {args.output_dir} is untouched. Try a lower --lr, "
-                                "--clip_grad 1.0 or --precision fp32")
+        logs, late = mean_over_ranks(env, {"loss": loss.detach(), **logs}, late, f"epoch {epoch}, step {i} (global "
+                                     f"step {step}): stopping; the last good checkpoint in {args.output_dir} is untouched")
         with sync():
             env.scaler.scale(loss / args.update_freq).backward()
-        logs = dict(zip(["loss", *logs], (check[:-1] / env.world_size).tolist()))
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if last_micro:
-            if args.clip_grad:
-                env.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            env.scaler.step(optimizer)
-            env.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        sums, count = {k: sums.get(k, 0.0) + v for k, v in logs.items()}, count + 1
+        if last_micro:  # 3. the optimizer step, and a checkpoint inside the epoch when one is due
+            optimizer_step(args, env, model, optimizer)
             done = (i + 1) // args.update_freq
-            due = args.save_every_steps and done % args.save_every_steps == 0 or check[-1] > 0
-            if due and done < steps_per_epoch:  # the epoch's end has its own checkpoint
-                share_buffers()
-                if env.local_main:  # every node's first process: nodes need not share a disk
-                    save_training_state(args, raw, optimizer, env.scaler, epoch, dict(step=done, sums=sums, count=count))
+            if (args.save_every_steps and done % args.save_every_steps == 0 or late) and done < steps_per_epoch:
+                save_training_state(args, env, raw, optimizer, epoch, dict(step=done, sums=sums, count=count))
                 last_save = time.time()
-        if env.is_main and (i + 1) % args.log_every == 0:
+        if env.is_main and (i + 1) % args.log_every == 0:  # 4. a line every --log_every micro-batches
             elapsed, this_run = time.time() - begin, i + 1 - first
             clips_s = this_run * args.batch_size * args.num_sample * env.world_size / elapsed  # R clips a video
-            eta = elapsed / this_run * (micro_batches - i - 1)
-            print(f"epoch {epoch} step {i + 1}/{micro_batches} "
-                  + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                  + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} eta {eta:.0f}s", flush=True)
+            print(f"epoch {epoch} step {i + 1}/{micro_batches} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                  + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} "
+                  f"eta {elapsed / this_run * (micro_batches - i - 1):.0f}s", flush=True)
         ready = time.time()
-    if env.is_main:
+    if env.is_main:  # 5. the epoch's end: its evaluation, log line and checkpoint
         print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
-    share_buffers()
+    share_buffers(env, raw)
     stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
     if env.is_main:  # killed after the line, before the checkpoint: the epoch runs again, resume() drops the line
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
-    if env.local_main:
-        save_training_state(args, raw, optimizer, env.scaler, epoch)
+    save_training_state(args, env, raw, optimizer, epoch)
     return stats
+
+
+def mean_over_ranks(env, logs, late, where):
+    """{name: this rank's value} -> {name: the mean over the ranks} and whether any rank's clock says a checkpoint is
+    due, in one all_reduce: the ranks stop together on a non-finite loss (the others would hang in the next
+    all-reduce), save together and log the mean over every rank's micro-batches."""
+    values = torch.tensor([float(v) for v in logs.values()] + [late], dtype=torch.float64)
+    if env.ddp:
+        values = values.to(env.device)
+        dist.all_reduce(values)
+    if not torch.isfinite(values).all():
+        raise NonFiniteLoss(f"loss is {values[0].item()} at {where}. Try a lower --lr, --clip_grad 1.0 or --precision "
+                            "fp32")
+    return dict(zip(logs, (values[:-1] / env.world_size).tolist())), bool(values[-1] > 0)
+
+
+def optimizer_step(args, env, model, optimizer):
+    """The accumulated gradients (unscaled, clipped to --clip_grad if given) make one AdamW step."""
+    if args.clip_grad:
+        env.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    env.scaler.step(optimizer)
+    env.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def share_buffers(env, raw):
+    """Rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on every rank: before
+    an evaluation and every node's checkpoint."""
+    for buffer in raw.buffers() if env.ddp else ():
+        dist.broadcast(buffer, 0)
 
 
 def training_step(env, loss_fn, optimizer):
     """One optimizer step as train_one_epoch takes it (autocast, grad scaler), on whatever loss_fn() computes: the
     unit that --bench times."""
     def step():
-        with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+        with env.autocast():
             loss = loss_fn()
         env.scaler.scale(loss).backward()
         env.scaler.step(optimizer)
@@ -881,8 +905,8 @@ def setup_distributed(args):
     it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is 3x faster than fp32 on some CPUs with bf16 units
     and 2x slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the
     precision its checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which
-    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, the autocast dtype and a
-    GradScaler (enabled for fp16 only: bf16 and fp32 need no loss scaling)."""
+    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, local_main, the autocast dtype,
+    autocast() (a context on the device in that dtype; off in fp32) and a GradScaler (enabled for fp16 only)."""
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
     rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
     if ddp:
@@ -914,9 +938,11 @@ def setup_distributed(args):
     if not cuda and args.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() and rank == 0:
         print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
               "fp32): --precision fp32 is faster here", flush=True)
+    dtype = DTYPES[args.precision]
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
                            local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0,  # writes its node's checkpoints
-                           dtype=DTYPES[args.precision],
+                           dtype=dtype, autocast=functools.partial(torch.autocast, device.type, dtype=dtype,
+                                                                   enabled=dtype != torch.float32),
                            scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
 
 
@@ -999,7 +1025,7 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
                    "steps inside an epoch, for an exact resume there (0: off)")
     p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
-                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (README), under 1%% of 15 minutes")
+                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (docs/speed.md), under 1%% of 15 minutes")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 

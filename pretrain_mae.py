@@ -17,7 +17,7 @@ import torch
 import data
 from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, check_flags,
                    check_trained_with, clips_per_video, fill_defaults, mask_ratio_rule, one_line, param_groups,
-                   read_checkpoint, resume, saved_args, setup_distributed, train_one_epoch, training_step)
+                   read_checkpoint, resume, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -94,15 +94,13 @@ def main(args):
                               num_workers=args.num_workers, device_type=env.device.type)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases and norms (nor
     # on VideoMAE's mask_token; MAE's tokens decay)
-    total_batch = args.batch_size * args.num_sample * args.update_freq * env.world_size  # clips (or images)
-    args.lr = args.lr or args.blr * total_batch / 256
-    args.min_lr = args.min_lr * total_batch / 256
+    total = scale_lr(args, env)
     groups = param_groups(raw, args.weight_decay, skip=("mask_token",) if video else ())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
     model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:
-        print(f"{args.mode} MAE {args.model}: total batch {total_batch} ({env.world_size} x {args.batch_size} x "
+        print(f"{args.mode} MAE {args.model}: total batch {total} ({env.world_size} x {args.batch_size} x "
               f"{args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} "
               "steps per epoch", flush=True)  # flushed before the loader's workers fork, or they print it again
 

@@ -2954,7 +2954,8 @@ class TestSuiteGaps(TinyStages):
                                    batch_size=1, num_sample=1, save_every_steps=0, save_every_minutes=0, log_every=100,
                                    clip_grad=None, output_dir=self.tmp)
             env = SimpleNamespace(ddp=False, rank=0, world_size=1, device=torch.device("cpu"), is_main=False,
-                                  dtype=torch.float32, scaler=torch.amp.GradScaler("cpu", enabled=False))
+                                  local_main=False, dtype=torch.float32, autocast=contextlib.nullcontext,
+                                  scaler=torch.amp.GradScaler("cpu", enabled=False))
             layer = torch.nn.Linear(1, 1)
             optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
             loader = data.make_loader(Numbers(3), 1, num_workers=0)
@@ -3288,8 +3289,8 @@ class Killed(Exception):
 def killed_after_first_checkpoint():
     real = M.save_training_state
 
-    def save_then_die(args, model, optimizer, scaler, epoch, progress=None):
-        real(args, model, optimizer, scaler, epoch, progress)
+    def save_then_die(args, env, model, optimizer, epoch, progress=None):
+        real(args, env, model, optimizer, epoch, progress)
         if epoch == 0 and progress is None:
             raise Killed
 
@@ -4203,6 +4204,23 @@ class TestFinetune(unittest.TestCase):
         opts.update({f"--{k}": v for k, v in changes.items()})
         return opts
 
+    def test_a_hub_videomae_fine_tunes_resumes_and_evaluates_with_its_epsilon(self):
+        folder = os.path.join(self.tmp, "hub_videomae")  # transformers' VideoMAEModel: layer-norm epsilon 1e-12
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(_hf_config("videomae"), f)
+        _hf_export_tool().write_safetensors(os.path.join(folder, "model.safetensors"),
+                                            TestHubFolders.videomae_sd(self, torch.Generator().manual_seed(7), prefix=""))
+        opts = dict(pos_embed="1d", patch_size=8, lr=1e-3)
+        trained, _ = run_finetune(self.options("hub_ft", finetune=folder, **opts))
+        norms = lambda model: {eps for b in model.blocks for eps in (b.norm1.eps, b.norm2.eps)}  # noqa: E731
+        self.assertEqual(norms(trained), {1e-12})
+        self.assertEqual(training_checkpoint(self, os.path.join(self.tmp, "hub_ft"))["args"]["layer_norm_eps"], 1e-12)
+        resumed, printed = run_finetune(self.options("hub_ft", finetune=folder, epochs=2, **opts))
+        self.assertIn("resumed from", printed)
+        evaluated, _ = run_finetune(self.options("hub_ft", eval=True, **opts))  # the run's own checkpoint
+        self.assertEqual((norms(resumed), norms(evaluated)), ({1e-12}, {1e-12}))
+
     def test_layer_decay_groups_of_the_optimizer(self):
         depth, decay, captured = 3, 0.75, {}
         real = finetune.train_one_epoch
@@ -4238,7 +4256,7 @@ class TestFinetune(unittest.TestCase):
         with torch.no_grad():
             p = fake(dataset.clips).softmax(-1).double()  # (9 views, 4 classes), float32 softmax as evaluate
         want = torch.stack([p[0:3].mean(0), p[[3, 5]].mean(0)])  # video 2 has no readable view
-        cpu = dict(ddp=False, device=torch.device("cpu"), dtype=torch.float32)
+        cpu = dict(ddp=False, device=torch.device("cpu"), dtype=torch.float32, autocast=contextlib.nullcontext)
         loader = data.make_loader(dataset, 2, shuffle=False, drop_last=False, num_workers=0)
         stats, probs, counts = finetune.evaluate(fake, loader, SimpleNamespace(rank=0, world_size=1, **cpu), 4)
         self.assertEqual(counts.tolist(), [3, 2, 0])
@@ -4307,8 +4325,8 @@ class TestFinetune(unittest.TestCase):
         self.assertIn("dropping the checkpoint's head.weight", printed)
         real = M.save_training_state
 
-        def save_then_die(args, model, optimizer, scaler, epoch, progress=None):
-            real(args, model, optimizer, scaler, epoch, progress)
+        def save_then_die(args, env, model, optimizer, epoch, progress=None):
+            real(args, env, model, optimizer, epoch, progress)
             if epoch == 0 and progress is None:
                 raise FtKilled
 

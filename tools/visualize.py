@@ -141,7 +141,7 @@ def student_pictures(args, env, checkpoint):
     video = video.to(env.device)
     clips = {"vid": video, "img": video if args.teacher_input_size == args.input_size else F.interpolate(
         video, size=(args.num_frames, args.teacher_input_size, args.teacher_input_size), mode="trilinear")}
-    with torch.autocast(env.device.type, dtype=env.dtype, enabled=env.dtype != torch.float32):
+    with env.autocast():
         preds = dict(zip(("img", "vid"), student.eval()(video, mask.to(env.device))))
         feats = {name: distill.teacher_features(t, clips[name], args.norm_feature) for name, t in teachers.items()}
     paint = functools.partial(paint_tokens, grid=student.grid, p=student.patch_size, tubelet=student.tubelet_size)
