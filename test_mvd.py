@@ -44,6 +44,11 @@ import distill  # noqa: E402
 import finetune  # noqa: E402
 import model as M  # noqa: E402
 import pretrain_mae  # noqa: E402
+sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
+import bench_loader  # noqa: E402
+import export_hf  # noqa: E402
+import prepare as tools_prepare  # noqa: E402
+import visualize as tools_visualize  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -974,13 +979,6 @@ def _hf_config(kind, **changes):
             **changes}
 
 
-def _hf_export_tool():
-    spec = importlib.util.spec_from_file_location("export_hf", os.path.join(HERE, "tools", "export_hf.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class TestHubFolders(unittest.TestCase):
     """transformers folders (config.json + model.safetensors or pytorch_model.bin) without transformers: the layouts
     are typed out here from transformers' ViTMAE / VideoMAE modules, and their forward written by hand."""
@@ -988,7 +986,7 @@ class TestHubFolders(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.dir = self.tmp.name
-        self.tool = _hf_export_tool()
+        self.tool = export_hf
 
     def tearDown(self):
         self.tmp.cleanup()
@@ -2223,9 +2221,6 @@ def luma(frames):
     return frames.double() @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
 
 
-sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
-import bench_loader  # noqa: E402
-import prepare as tools_prepare  # noqa: E402
 
 
 def no_pixels(path):
@@ -4209,7 +4204,7 @@ class TestFinetune(unittest.TestCase):
         os.makedirs(folder)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(_hf_config("videomae"), f)
-        _hf_export_tool().write_safetensors(os.path.join(folder, "model.safetensors"),
+        export_hf.write_safetensors(os.path.join(folder, "model.safetensors"),
                                             TestHubFolders.videomae_sd(self, torch.Generator().manual_seed(7), prefix=""))
         opts = dict(pos_embed="1d", patch_size=8, lr=1e-3)
         trained, _ = run_finetune(self.options("hub_ft", finetune=folder, **opts))
@@ -5110,7 +5105,6 @@ class TestCuda(unittest.TestCase):
 
 
 # ========================================================================================================== visualize
-import visualize as tools_visualize  # noqa: E402
 
 
 def run_visualize(script, options):
