@@ -764,7 +764,8 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
     names = [f"videos/{i:04d}.mp4" for i in range(num_videos)]
     for i, name in enumerate(names):
         frames = render_video(np.random.default_rng([seed, i]), size, size, num_frames, *labels[i])
-        write_video(os.path.join(root, name), frames, fps, options={"crf": "18", "preset": "veryfast"})
+        write_video(os.path.join(root, name), frames, fps,  # one encoder thread: the same bytes from the same seed
+                    options={"crf": "18", "preset": "veryfast", "threads": "1"})
     with open(paths["all"], "w") as f:
         f.writelines(f"{name} 0\n" for name in names)  # pretraining ignores the label
     for column, task in enumerate(("appearance", "motion")):
