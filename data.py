@@ -15,6 +15,7 @@ import argparse
 import fcntl
 import fractions
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from model import IMAGENET_MEAN, IMAGENET_STD
+from model import IMAGENET_MEAN, IMAGENET_STD, agree
 
 # What a missing, truncated, empty or non-video file raises while it is read (PIL raises OSError for images).
 UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
@@ -226,7 +227,10 @@ def load_video_list(list_path, data_root=""):
     if data_root and not os.path.isdir(data_root):
         raise ValueError(f"--data_root {data_root} does not exist: give the folder the paths of {list_path} are "
                          "relative to")
-    videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in read_list(list_path)]
+    entries = read_list(list_path)  # the same on every rank, or every rank stops (model.agree)
+    agree(f"the list {list_path}", f"{len(entries)} videos, sha1 {hashlib.sha1(repr(entries).encode()).hexdigest()[:12]}",
+          "give every node the same list")
+    videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in entries]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
         print(f"warning: {len(missing)} of {len(videos)} files in {list_path} do not exist here and will be replaced "

@@ -697,9 +697,13 @@ def resume(args, env, model, optimizer):
     scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
     epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
     path = checkpoint_to_resume(args)
-    state = read_checkpoint(path) if path and os.path.exists(path) else {}  # each node's local rank 0 writes its copy
-    agree("where to resume", f"{path}: epoch {state.get('epoch')}, step {state.get('step', 'end')}" if state else
-          f"{path or 'no checkpoint'}: none", "give every node the same checkpoint, or pass --no-auto_resume")
+    try:  # each node's local rank 0 writes its copy: read here, agreed on below
+        state, damaged = (read_checkpoint(path) if path and os.path.exists(path) else {}), ""
+    except ValueError as error:  # damaged on this node: every rank stops below, not this one alone
+        state, damaged = {}, f" ({error})"
+    agree("where to resume", (f"{path}: epoch {state.get('epoch')}, step {state.get('step', 'end')}" if state else
+                              f"{path or 'no checkpoint'}: none") + damaged,
+          "give every node the same checkpoint, or pass --no-auto_resume")
     if path is None:  # a fresh run
         return SimpleNamespace(epoch=0, step=0, sums={}, count=0)
     state = state or read_checkpoint(path)  # a missing --resume file: its error

@@ -4636,6 +4636,33 @@ class TestManyNodes(unittest.TestCase):
             self.assertRegex(str(caught.exception), want)
             self.assertNotIn("\n", str(caught.exception))
 
+    def test_another_list_or_a_damaged_checkpoint_on_one_node_stops_every_rank_in_one_line(self):
+        """The list's digest and a checkpoint that this node cannot read take part in the ranks' agreement, as rank 0
+        of two (rank 1's all_gather mocked): the same one line on every rank, instead of one rank stopping alone."""
+        folder = tempfile.mkdtemp(dir=self.tmp)
+        list_path = write_list(os.path.join(folder, "train.csv"), ["a.mp4 0", "b.mp4 1"])
+        with open(os.path.join(folder, "checkpoint-last.pth"), "w") as f:
+            f.write("not a checkpoint")
+        resume = lambda: M.resume(SimpleNamespace(output_dir=folder, resume="", auto_resume=True), None, None, None)  # noqa: E731
+        for call, other, want in (
+                (lambda: data.load_video_list(list_path, folder), "3 videos, sha1 0123456789ab",
+                 rf"^the ranks disagree on the list {re.escape(list_path)}: rank 0 \(.*\) 2 videos, sha1 \w{{12}}; "
+                 r"rank 1 \(node1, node 1\) 3 videos, sha1 0123456789ab: give every node the same list$"),
+                (resume, f"{folder}/checkpoint-last.pth: epoch 3, step end",
+                 r"^the ranks disagree on where to resume: rank 0 \(.*\) \S+checkpoint-last.pth: none \(cannot read "
+                 r"checkpoint [^\n]*\); rank 1 \(node1, node 1\) \S+: epoch 3, step end: give every node the same")):
+            def gather(seen, mine):
+                seen[:] = [mine, (other, "node1, node 1")]
+            with mock.patch.object(M.dist, "is_initialized", lambda: True), \
+                    mock.patch.object(M.dist, "get_world_size", lambda: 2), \
+                    mock.patch.object(M.dist, "all_gather_object", gather), self.assertRaises(ValueError) as caught, \
+                    contextlib.redirect_stdout(io.StringIO()):
+                call()
+            self.assertRegex(str(caught.exception), want)
+            self.assertNotIn("\n", str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "cannot read checkpoint"):  # damaged on every node: its own error
+            resume()
+
 
 class TestPatchSize(unittest.TestCase):
     """--patch_size in every stage (issue 13): an 8-px pipeline at 32 px (4x4 grid), checkpoints that record it, and
