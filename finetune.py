@@ -263,9 +263,9 @@ def train(args, env, raw, loaders, nb_classes):
         split = final if epoch + 1 == args.epochs else "val" if (epoch + 1) % args.eval_freq == 0 else None
         return evaluate_and_report(args, env, raw, loaders[split], nb_classes, split, epoch) if split else {}
 
+    loss_fn = loss_function(args, env, model, nb_classes)
     for epoch in range(start.epoch, args.epochs):
-        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_function(args, env, model, nb_classes),
-                        start, evaluate_due)
+        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_fn, start, evaluate_due)
     if env.is_main:
         print(f"done: classifier weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
     return raw
