@@ -924,8 +924,9 @@ def setup_distributed(args):
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
         # running at exit can abort the process
     if args.precision == "auto":
-        path = checkpoint_to_resume(args)
-        recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
+        path, recorded = checkpoint_to_resume(args), None
+        with contextlib.suppress(ValueError):  # a damaged one: resume() stops every rank with its error, not here
+            recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
         native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         choice = recorded if recorded in DTYPES else "bf16" if native else "fp16" if cuda else "fp32"
         if ddp:  # rank 0's choice for all, whatever each rank's disk holds

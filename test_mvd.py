@@ -312,6 +312,11 @@ class TestPrecision(unittest.TestCase):
         self.assertIn("--precision auto: bf16 (the precision ", printed)
         self.assertEqual(self.env_for("fp32", recorded="bf16")[1], "fp32")  # a precision given is the one used
 
+    def test_a_damaged_checkpoint_is_left_to_resume_which_every_rank_reaches(self):
+        with open(os.path.join(self.tmp, "checkpoint-last.pth"), "w") as f:
+            f.write("not a checkpoint")  # on one node only, this rank must not stop alone before the others agree
+        self.assertEqual(self.env_for()[1], "fp32")
+
     def test_fp16_resume_of_a_bf16_checkpoint_says_so_and_runs(self):
         model = torch.nn.Linear(3, 2)
         optimizer = torch.optim.AdamW(model.parameters())
