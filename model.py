@@ -100,10 +100,9 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-def DropPath(p):
-    """Stochastic depth (timm's DropPath in the official code): in training, drop the residual branch of whole samples
-    with probability p and scale the kept ones by 1/(1-p)."""
-    return torchvision.ops.StochasticDepth(p, mode="row")
+# Stochastic depth (timm's DropPath in the official code): in training, drop the residual branch of whole samples with
+# probability p and scale the kept ones by 1/(1-p). DropPath(p) -> a module.
+DropPath = functools.partial(torchvision.ops.StochasticDepth, mode="row")
 
 
 class Mlp(nn.Module):
@@ -144,11 +143,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, dim, patch_size, tubelet_size=None):
         super().__init__()
-        if tubelet_size is None:
-            self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
-        else:
-            kernel = (tubelet_size, patch_size, patch_size)
-            self.proj = nn.Conv3d(3, dim, kernel, stride=kernel)
+        kernel = patch_size if tubelet_size is None else (tubelet_size, patch_size, patch_size)
+        self.proj = (nn.Conv2d if tubelet_size is None else nn.Conv3d)(3, dim, kernel, stride=kernel)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, [t,] h, w) -> (B, N, D), t-major then row, column
@@ -385,10 +381,6 @@ def patchify(x, p, tubelet=1):
     return x.reshape(B, -1, tubelet * p * p * C)  # (B, t, h, w, tubelet, p, p, C) -> (B, N, tubelet*p*p*C)
 
 
-
-
-
-
 def to_pixels(x):
     """Undo the ImageNet normalization: (B, 3, [T,] H, W) -> 0-1 pixels, float32."""
     shape = (1, 3) + (1,) * (x.ndim - 2)
@@ -410,8 +402,6 @@ def video_mae_targets(video, p, tubelet, normalize=True):
     if normalize:
         x = (x - x.mean(-2, keepdim=True)) / (x.var(-2, keepdim=True).sqrt() + 1e-6)
     return x.flatten(2)
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------- Checkpoints
