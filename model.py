@@ -445,8 +445,7 @@ def to_timm_layout(state_dict):
 
 
 def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: an 8-byte little-endian header length, a JSON header {name: {dtype,
-    shape, data_offsets}} (offsets from the end of the header), the raw bytes. The tensors are views of one private
+    """{name: tensor} of a .safetensors file (8-byte header length, JSON header, raw bytes) as views of one private
     memory map of the file: pages are read as used, never copied twice."""
     with open(path, "rb") as f:
         start = 8 + int.from_bytes(f.read(8), "little")
@@ -460,9 +459,8 @@ def read_safetensors(path):
 def read_hub_folder(path):
     """A transformers folder (config.json + model.safetensors or pytorch_model.bin), or its weights file beside its
     config.json, of ViTMAE (-Model, -ForPreTraining) or VideoMAE (-Model, -ForPreTraining, -ForVideoClassification)
-    -> {"model": our state dict, "args": the config as our flags}, as read_checkpoint returns our checkpoints. q, k, v
-    are fused into qkv with the q and v biases; the key bias is dropped (the softmax ignores it). What we cannot build
-    exactly is refused in one line."""
+    -> {"model": our state dict, "args": the config as our flags}, as read_checkpoint returns ours. The key bias is
+    dropped (the softmax ignores it); what we cannot build exactly is refused in one line."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     names = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")] if folder == path else [path]
     weights = next((n for n in names if os.path.exists(n)), None)
@@ -537,9 +535,8 @@ def check_trained_with(what, recorded, key, value, default, flag=None):
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
-    """Load weights in any layout of SPEC into model; returns (missing, unexpected) key lists and prints one report.
-    Nesting under 'model'/'module'/'state_dict', prefixes module./_orig_mod./backbone., encoder. (added or removed to
-    fit the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept). A tensor
+    """Load weights in any layout of SPEC into model (nested, prefixed, timm's qkv.bias, with or without encoder.),
+    print one report, return (missing, unexpected). Position tables are never read (the model's own are kept). A tensor
     named in `fresh` whose shape differs from the model's is dropped, said in a line: that one starts fresh."""
     state, own, nests = path_or_state_dict, model.state_dict(), ("model", "module", "state_dict")
     if isinstance(state, (str, os.PathLike)):
@@ -577,10 +574,9 @@ def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
 
 def summarize(keys):
     """'decoder.blocks.0.norm1.weight', ... -> 'decoder.* (57)': one entry per top-level module."""
-    groups = {}
-    for key in keys:
-        groups.setdefault(key.split(".")[0], []).append(key)
-    return ", ".join(v[0] if len(v) == 1 else f"{k}.* ({len(v)})" for k, v in groups.items()) or "-"
+    tops = [key.split(".")[0] for key in keys]
+    return ", ".join(key if tops.count(top) == 1 else f"{top}.* ({tops.count(top)})"
+                     for top, key in dict(zip(tops, keys)).items()) or "-"
 
 
 def save_checkpoint(path, **state):
@@ -885,8 +881,8 @@ def setup_distributed(args):
     process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
     it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is faster than fp32 on some CPUs with bf16 units and
     slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the precision its
-    checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice (checkpoints record
-    it); the namespace returned holds the ranks, the device, autocast() in that dtype and a GradScaler (fp16 only)."""
+    checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which checkpoints
+    record; autocast() is off in fp32, the GradScaler on for fp16 only."""
     ddp, cuda, local = "RANK" in os.environ, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
     store, rank, world = torchrun_store() if ddp else (None, 0, 1)
     device = torch.device(f"cuda:{local}" if ddp and cuda else "cuda" if cuda else "cpu")
@@ -918,10 +914,9 @@ def setup_distributed(args):
         print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
               "fp32): --precision fp32 is faster here", flush=True)
     dtype = DTYPES[args.precision]
-    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
-                           local_main=local == 0,  # writes its node's checkpoints
-                           dtype=dtype, autocast=functools.partial(torch.autocast, device.type, dtype=dtype,
-                                                                   enabled=dtype != torch.float32),
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
+                           local_main=local == 0, autocast=autocast,  # local_main writes its node's checkpoints
                            scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
 
 
@@ -947,15 +942,14 @@ def checkpoint_to_resume(args):
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
-                   "process, the lr scales with clips; an epoch still reads each video once (tools/bench_loader.py: "
-                   "R=2 is 1.3-1.4x the clips a core on unprepared videos)")
+                   "process, the lr scales with clips; an epoch still reads each video once, and faster per clip "
+                   "(docs/speed.md)")
 FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
               ("warmup_epochs", lambda v: v >= 0, "0 or more"),
               ("sampling_rate", lambda v: v >= 0, "0 or more (0 repeats one frame: the single-frame baseline)"))
 
 
-def clips_per_video(args):
-    """' x R clips per video' for the total batch's line where --num_sample R > 1, else ''."""
+def clips_per_video(args):  # for the total batch's line
     return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
 
 
@@ -971,8 +965,7 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--sampling_rate", type=int, help="frames between sampled frames; 0 repeats one frame (a "
                                                      "single-frame baseline: no motion left to see)")
     p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
-    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames); "
-                   "8 at 64 px gives an 8x8 grid")
+    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames)")
     p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
     p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
@@ -991,8 +984,7 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once, before the loader's workers start, and keep it in memory (the "
-                        "workers share it): small sets of small videos, like the synthetic set, then load at the "
-                        "model's pace")
+                        "workers share it): small sets of small videos then load at the model's pace")
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
@@ -1003,8 +995,8 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
                    "steps inside an epoch, for an exact resume there (0: off)")
-    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
-                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (docs/speed.md), under 1%% of 15 minutes")
+    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a save "
+                   "costs under 1%% of 15 minutes (docs/speed.md)")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 
@@ -1025,8 +1017,7 @@ def mask_ratio_rule(cells, kept=False):
 
 
 def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; FLAG_RULES and the tube grid are checked (an
-    argparse error)."""
+    """Flags left at None take the first table's value that has them; then FLAG_RULES and the tube grid are checked."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:
