@@ -600,10 +600,8 @@ def save_checkpoint(path, **state):
             raise ValueError(one_line(OSError(errno.ENOSPC, str(e), os.path.basename(path)), folder)) from None
         raise
     fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+    os.fsync(fd)  # make the rename itself durable
+    os.close(fd)
 
 
 def one_line(error, output_dir):
@@ -942,8 +940,7 @@ def checkpoint_to_resume(args):
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
-                   "process, the lr scales with clips; an epoch still reads each video once, and faster per clip "
-                   "(docs/speed.md)")
+                   "process, the lr scales with clips; an epoch reads each video once, faster per clip (docs/speed.md)")
 FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
               ("warmup_epochs", lambda v: v >= 0, "0 or more"),
               ("sampling_rate", lambda v: v >= 0, "0 or more (0 repeats one frame: the single-frame baseline)"))
@@ -981,12 +978,11 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto: bf16 on GPUs that compute it natively, else fp16 with loss scaling (as "
                         "the official runs); fp32 on a CPU; a resumed run keeps its checkpoint's")
-    p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once, before the loader's workers start, and keep it in memory (the "
                         "workers share it): small sets of small videos then load at the model's pace")
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=2), p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
         "" if output_dir else "; default output/{mode}_mae, where distill.py looks for teachers"))
     p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
