@@ -499,14 +499,14 @@ def read_hub_folder(path):
 
 
 def read_checkpoint(path, hub=True):
-    """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure.
-    A transformers folder, or a weights file with a config.json beside it, is read by read_hub_folder."""
+    """torch.load with weights_only=True: a checkpoint is data, never code. Memory-mapped: pages are read as used, so
+    reading a checkpoint's recorded flags costs nothing (files of torch before 1.6 cannot be mapped). One clear error
+    line on failure. A transformers folder, or a weights file with a config.json beside it, goes to read_hub_folder."""
     if hub and (os.path.isdir(path) or str(path).endswith(".safetensors") or str(path).endswith(".bin") and
                 os.path.exists(os.path.join(os.path.dirname(path), "config.json"))):
         return read_hub_folder(path)
     try:  # the official training scripts also pickle their argparse.Namespace: that much is allowed
-        with torch.serialization.safe_globals([argparse.Namespace]):  # memory-mapped: pages are read as used, so
-            # reading a checkpoint's recorded flags costs nothing; files of torch before 1.6 cannot be mapped
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist: check the path") from None
@@ -878,9 +878,8 @@ def setup_distributed(args):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
     process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
     it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is faster than fp32 on some CPUs with bf16 units and
-    slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the precision its
-    checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which checkpoints
-    record; autocast() is off in fp32, the GradScaler on for fp16 only."""
+    slower on others: --precision bf16 is the user's choice, docs/speed.md). A resumed run keeps the precision its
+    checkpoint records; rank 0's choice holds on every rank and becomes args.precision, which checkpoints record."""
     ddp, cuda, local = "RANK" in os.environ, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
     store, rank, world = torchrun_store() if ddp else (None, 0, 1)
     device = torch.device(f"cuda:{local}" if ddp and cuda else "cuda" if cuda else "cpu")
