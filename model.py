@@ -614,9 +614,9 @@ def one_line(error, output_dir):
         raise error
     good = max((entry.path for entry in os.scandir(output_dir) if entry.name.endswith(".pth")), key=os.path.getmtime,
                default="none")
-    return (f"{output_dir} is full ({shutil.disk_usage(output_dir).free / 2 ** 20:.0f} MiB free): "
-            f"{error.filename or 'a file'} was not written; the last good checkpoint is {good}: free space, then "
-            "resume")
+    free = shutil.disk_usage(output_dir).free / 2 ** 20
+    return (f"{output_dir} is full ({free:.0f} MiB free): {error.filename or 'a file'} was not written; the last good "
+            f"checkpoint is {good}: free space, then resume")
 
 
 # ---------------------------------------------------------------- Optimizer parameter groups and learning-rate schedule
@@ -887,8 +887,9 @@ def setup_distributed(args):
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(hours=2))  # not 10 min: ranks wait while one saves or tests
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads abort exit
+                                timeout=datetime.timedelta(hours=2))  # others wait while a rank saves or evaluates
+        # gloo's threads still running at exit can abort the process
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if args.precision == "auto":
         path, recorded = checkpoint_to_resume(args), None
         with contextlib.suppress(ValueError):  # a damaged one: resume() stops every rank with its error, not here
