@@ -626,9 +626,7 @@ def param_groups(model, weight_decay, layer_decay=None, depth=None, skip=("pos_e
     MAE passes none, skip=()); optional layer-wise lr decay: layer i gets lr_scale = layer_decay ** (depth + 1 - i),
     where the embeddings are layer 0, block i layer i + 1, everything after layer depth + 1."""
     groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in [(name, p) for name, p in model.named_parameters() if p.requires_grad]:
         decay = 0.0 if p.ndim < 2 or name.endswith(".bias") or name in skip else weight_decay
         block = re.match(r"(encoder\.)?blocks\.(\d+)\.", name)
         layer = (0 if layer_decay is None or re.match(r"(encoder\.)?(patch_embed|cls_token|pos_embed|mask_token)", name)
@@ -870,8 +868,7 @@ def torchrun_store():
     a restarted rank could read the address a killed rank had published, and hang (pytorch/pytorch#135712). One per
     process, kept. -> (store, rank, world_size)"""
     store, rank, world_size = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store), rank, world_size
 
 
 def setup_distributed(args):
