@@ -406,31 +406,36 @@ def video_mae_targets(video, p, tubelet, normalize=True):
 
 # ---------------------------------------------------------------------------------------------------------- Checkpoints
 PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, some released checkpoints
-
-
-def is_position_table(key):
-    return key.rsplit(".", 1)[-1] in ("pos_embed", "pos_embed_img", "pos_embed_vid", "decoder_pos_embed")
+POSITION_TABLES = ("pos_embed", "pos_embed_img", "pos_embed_vid", "decoder_pos_embed")  # never read: the model's own
+SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+                          I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
+# transformers' ViTMAE / VideoMAE names -> ours, applied in order (docs/details.md has the table)
+HUB_RENAMES = [(r"^(vit|videomae)\.", ""), (r"embeddings\.patch_embeddings\.projection", "patch_embed.proj"),
+               (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.position_embeddings", "pos_embed"),
+               (r"^encoder\.layer\.", "blocks."), (r"layernorm_before", "norm1"), (r"layernorm_after", "norm2"),
+               (r"attention\.output\.dense", "attn.proj"), (r"attention\.attention\.", "attn."),
+               (r"attn\.query\.bias", "attn.q_bias"), (r"attn\.value\.bias", "attn.v_bias"),
+               (r"intermediate\.dense", "mlp.fc1"), (r"output\.dense", "mlp.fc2"), (r"^layernorm\.", "norm."),
+               (r"^classifier\.", "head.")]
+HUB_DECODER = {"vit_mae": [(r"^decoder\.decoder_layers\.", "decoder_blocks."), (r"^decoder\.", "")],  # MAE's names
+               "videomae": [(r"^decoder\.decoder_layers\.", "decoder.blocks."),  # VideoMAE's: encoder under encoder.
+                            (r"^(patch_embed|blocks|norm)\.", r"encoder.\1.")]}
 
 
 def to_timm_layout(state_dict):
     """Our q_bias/v_bias -> timm's qkv.bias with a zero key part: the layout the official MAE/MVD code reads."""
     out = {}
     for key, value in state_dict.items():
+        pre = key.removesuffix("q_bias")
         if key.endswith("attn.q_bias"):
-            out[key[:-len("q_bias")] + "qkv.bias"] = torch.cat(
-                [value, torch.zeros_like(value), state_dict[key[:-len("q_bias")] + "v_bias"]])
+            out[pre + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), state_dict[pre + "v_bias"]])
         elif not key.endswith("attn.v_bias"):
             out[key] = value
     return out
 
 
-SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
-                          I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
-
-
 def read_safetensors(path):
-    """{name: tensor} of a .safetensors file: an 8-byte little-endian header length, a JSON header {name: {dtype,
-    shape, data_offsets}} (offsets from the end of the header), the raw bytes. The tensors are views of one private
+    """{name: tensor} of a .safetensors file (8-byte header length, JSON header, raw bytes) as views of one private
     memory map of the file: pages are read as used, never copied twice."""
     with open(path, "rb") as f:
         start = 8 + int.from_bytes(f.read(8), "little")
@@ -441,44 +446,29 @@ def read_safetensors(path):
             for name, t in header.items() if name != "__metadata__"}
 
 
-# transformers' ViTMAE / VideoMAE names -> ours, applied in order (docs/details.md has the table)
-HUB_RENAMES = [(r"^(vit|videomae)\.", ""), (r"embeddings\.patch_embeddings\.projection", "patch_embed.proj"),
-               (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.position_embeddings", "pos_embed"),
-               (r"^encoder\.layer\.", "blocks."), (r"layernorm_before", "norm1"), (r"layernorm_after", "norm2"),
-               (r"attention\.output\.dense", "attn.proj"), (r"attention\.attention\.", "attn."),
-               (r"intermediate\.dense", "mlp.fc1"), (r"output\.dense", "mlp.fc2"), (r"^layernorm\.", "norm."),
-               (r"^classifier\.", "head.")]
-HUB_DECODER = {"vit_mae": [(r"^decoder\.decoder_layers\.", "decoder_blocks."), (r"^decoder\.", "")],  # MAE's names
-               "videomae": [(r"^decoder\.decoder_layers\.", "decoder.blocks."),  # VideoMAE's: encoder under encoder.
-                            (r"^(patch_embed|blocks|norm)\.", r"encoder.\1.")]}
-
-
 def read_hub_folder(path):
     """A transformers folder (config.json + model.safetensors or pytorch_model.bin), or its weights file beside its
     config.json, of ViTMAE (-Model, -ForPreTraining) or VideoMAE (-Model, -ForPreTraining, -ForVideoClassification)
-    -> {"model": our state dict, "args": the config as our flags}, as read_checkpoint returns our checkpoints. q, k, v
-    are fused into qkv with the q and v biases; the key bias is dropped (the softmax ignores it). What we cannot build
-    exactly is refused in one line."""
+    -> {"model": our state dict, "args": the config as our flags}, as read_checkpoint returns ours. The key bias is
+    dropped (the softmax ignores it); what we cannot build exactly is refused in one line."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    weights = path if not os.path.isdir(path) else next((os.path.join(folder, n) for n in (
-        "model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(folder, n))), "")
-    if not (os.path.exists(weights) and os.path.exists(os.path.join(folder, "config.json"))):
+    names = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")] if folder == path else [path]
+    weights = next((n for n in names if os.path.exists(n)), None)
+    if not (weights and os.path.exists(os.path.join(folder, "config.json"))):
         raise ValueError(f"{path}: a transformers folder holds config.json and model.safetensors or pytorch_model.bin "
                          "(download both)")
     with open(os.path.join(folder, "config.json")) as f:  # transformers' defaults where a config leaves one out
         c = {**dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, intermediate_size=3072,
                     hidden_act="gelu", patch_size=16, image_size=224, num_frames=16, tubelet_size=2, num_channels=3,
                     layer_norm_eps=1e-12, use_mean_pooling=True), **json.load(f)}
-    size = next((k for k, v in VIT_SIZES.items() if (v["dim"], v["heads"]) == (c["hidden_size"],
-                                                                                   c["num_attention_heads"])), None)
+    size = {(v["dim"], v["heads"]): k for k, v in VIT_SIZES.items()}.get((c["hidden_size"], c["num_attention_heads"]))
     state = read_safetensors(weights) if weights.endswith(".safetensors") else read_checkpoint(weights, hub=False)
     differs = [text for bad, text in [
         (c.get("model_type") not in HUB_DECODER, f"model_type {c.get('model_type')!r} (ViTMAE and VideoMAE are read)"),
         (not size, f"hidden_size {c['hidden_size']} with {c['num_attention_heads']} heads (not in VIT_SIZES)"),
-        (c["intermediate_size"] != 4 * c["hidden_size"], f"intermediate_size {c['intermediate_size']} (ours: 4x)"),
-        (c["hidden_act"] != "gelu", f"hidden_act {c['hidden_act']!r} (ours: the exact 'gelu')"),
-        (c["tubelet_size"] != 2, f"tubelet_size {c['tubelet_size']} (ours: 2)"),
-        (c["num_channels"] != 3, f"num_channels {c['num_channels']} (ours: 3)"),
+        *((c[k] != v, f"{k} {c[k]!r} (ours: {note})") for k, v, note in (
+            ("intermediate_size", 4 * c["hidden_size"], "4x"), ("hidden_act", "gelu", "the exact 'gelu'"),
+            ("tubelet_size", 2, "2"), ("num_channels", 3, "3"))),
         ("classifier.weight" in state and not c["use_mean_pooling"], "a classifier on token 0 (use_mean_pooling "
                                                                       "false; ours mean-pools the tokens)")] if bad]
     if differs:
@@ -488,26 +478,25 @@ def read_hub_folder(path):
         for pattern, new in HUB_RENAMES + HUB_DECODER[c["model_type"]]:
             key = re.sub(pattern, new, key)
         out[key] = value
-    for key in [k for k in out if k.endswith("attn.query.weight")]:
-        pre, zeros = key[:-len("query.weight")], torch.zeros(len(out[key]))  # qkv_bias false: zero biases
+    for pre in [k.removesuffix("query.weight") for k in out if k.endswith("attn.query.weight")]:
         out[pre + "qkv.weight"] = torch.cat([out.pop(f"{pre}{n}.weight") for n in ("query", "key", "value")])
-        out[pre + "q_bias"] = out.pop(pre + "query.bias", out.pop(pre + "q_bias", zeros))
-        out[pre + "v_bias"] = out.pop(pre + "value.bias", out.pop(pre + "v_bias", zeros))
         out.pop(pre + "key.bias", None)
+        for bias in ("q_bias", "v_bias"):  # qkv_bias false: zero biases
+            out.setdefault(pre + bias, torch.zeros(len(out[pre + "qkv.weight"]) // 3))
     video = dict(num_frames=c["num_frames"], pos_embed="1d") if c["model_type"] == "videomae" else {}
     return {"model": out, "args": dict(model=size, depth=c["num_hidden_layers"], patch_size=c["patch_size"],
                                        input_size=c["image_size"], layer_norm_eps=c["layer_norm_eps"], **video)}
 
 
 def read_checkpoint(path, hub=True):
-    """torch.load with weights_only=True: a checkpoint is data, never code. One clear error line on failure.
-    A transformers folder, or a weights file with a config.json beside it, is read by read_hub_folder."""
+    """torch.load with weights_only=True: a checkpoint is data, never code. Memory-mapped: pages are read as used, so
+    reading a checkpoint's recorded flags costs nothing (files of torch before 1.6 cannot be mapped). One clear error
+    line on failure. A transformers folder, or a weights file with a config.json beside it, goes to read_hub_folder."""
     if hub and (os.path.isdir(path) or str(path).endswith(".safetensors") or str(path).endswith(".bin") and
                 os.path.exists(os.path.join(os.path.dirname(path), "config.json"))):
         return read_hub_folder(path)
     try:  # the official training scripts also pickle their argparse.Namespace: that much is allowed
-        with torch.serialization.safe_globals([argparse.Namespace]):  # memory-mapped: pages are read as used, so
-            # reading a checkpoint's recorded flags costs nothing; files of torch before 1.6 cannot be mapped
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist: check the path") from None
@@ -535,59 +524,49 @@ def check_trained_with(what, recorded, key, value, default, flag=None):
                          f"{trained}")
 
 
-
-
 def load_checkpoint(model, path_or_state_dict, verbose=True, fresh=()):
-    """Load weights in any layout of SPEC into model; returns (missing, unexpected) key lists and prints one report.
-    Nesting under 'model'/'module'/'state_dict', prefixes module./_orig_mod./backbone., encoder. (added or removed to fit
-    the model) and timm's qkv.bias are handled; position tables are never read (the model's own are kept). A tensor
+    """Load weights in any layout of SPEC into model (nested, prefixed, timm's qkv.bias, with or without encoder.),
+    print one report, return (missing, unexpected). Position tables are never read (the model's own are kept). A tensor
     named in `fresh` whose shape differs from the model's is dropped, said in a line: that one starts fresh."""
-    state = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
-    while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("model", "module", "state_dict")):
-        state = next(state[k] for k in ("model", "module", "state_dict") if isinstance(state.get(k), dict))
+    state, own, nests = path_or_state_dict, model.state_dict(), ("model", "module", "state_dict")
+    if isinstance(state, (str, os.PathLike)):
+        state = read_checkpoint(state)
+    while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in nests):
+        state = next(state[k] for k in nests if isinstance(state.get(k), dict))
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError("checkpoint holds no state dict of tensors (looked under 'model', 'module', 'state_dict')")
-    own = model.state_dict()
-    wants_encoder_prefix = any(k.startswith("encoder.") for k in own)
     clean = {}
     for key, value in state.items():
         while key.startswith(PREFIXES):
             key = key.split(".", 1)[1]
-        if is_position_table(key):
-            continue
         if key.endswith("attn.qkv.bias"):  # timm layout: split into q and v parts, the key part cannot matter
-            q, _, v = value.chunk(3)
-            pieces = {key[:-len("qkv.bias")] + "q_bias": q, key[:-len("qkv.bias")] + "v_bias": v}
-        else:
-            pieces = {key: value}
-        for key, value in pieces.items():
-            if key.startswith("encoder.") and not wants_encoder_prefix:
-                key = key[len("encoder."):]
-            elif wants_encoder_prefix and "encoder." + key in own:
-                key = "encoder." + key
+            pre, (q, _, v) = key.removesuffix("qkv.bias"), value.chunk(3)
+            clean[pre + "q_bias"], clean[pre + "v_bias"] = q, v
+        elif key.rsplit(".", 1)[-1] not in POSITION_TABLES:
             clean[key] = value
-    for key, value in list(clean.items()):
-        if key in own and own[key].shape != value.shape and key in fresh:
-            print(f"dropping the checkpoint's {key} {tuple(clean.pop(key).shape)}: this model's is "
-                  f"{tuple(own[key].shape)}, it starts fresh")
-        elif key in own and own[key].shape != value.shape:
-            raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
+    if any(k.startswith("encoder.") for k in own):  # encoder. added or removed to fit the model
+        clean = {f"encoder.{k}" if f"encoder.{k}" in own else k: v for k, v in clean.items()}
+    else:
+        clean = {k.removeprefix("encoder."): v for k, v in clean.items()}
+    for key in [k for k, v in clean.items() if k in own and own[k].shape != v.shape]:
+        if key not in fresh:
+            raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(clean[key].shape)} but the model expects "
                              f"{tuple(own[key].shape)}: check --model, --input_size, --num_frames and --patch_size")
-    fill = {k: v for k, v in own.items() if is_position_table(k)}  # keep the model's own tables
-    missing, unexpected = model.load_state_dict({**clean, **fill}, strict=False)
+        print(f"dropping the checkpoint's {key} {tuple(clean.pop(key).shape)}: this model's is "
+              f"{tuple(own[key].shape)}, it starts fresh")
+    tables = {k: v for k, v in own.items() if k.rsplit(".", 1)[-1] in POSITION_TABLES}
+    missing, unexpected = model.load_state_dict({**clean, **tables}, strict=False)
     if verbose:
-        loaded = len([k for k in clean if k in own])
-        print(f"load_checkpoint: {loaded} tensors loaded; missing {len(missing)}: {summarize(missing)}; "
-              f"unexpected {len(unexpected)}: {summarize(unexpected)}")
+        print(f"load_checkpoint: {len(clean.keys() & own.keys())} tensors loaded; missing {len(missing)}: "
+              f"{summarize(missing)}; unexpected {len(unexpected)}: {summarize(unexpected)}")
     return missing, unexpected
 
 
 def summarize(keys):
     """'decoder.blocks.0.norm1.weight', ... -> 'decoder.* (57)': one entry per top-level module."""
-    groups = {}
-    for key in keys:
-        groups.setdefault(key.split(".")[0], []).append(key)
-    return ", ".join(v[0] if len(v) == 1 else f"{k}.* ({len(v)})" for k, v in groups.items()) or "-"
+    tops = [key.split(".")[0] for key in keys]
+    return ", ".join(key if tops.count(top) == 1 else f"{top}.* ({tops.count(top)})"
+                     for top, key in dict(zip(tops, keys)).items()) or "-"
 
 
 def save_checkpoint(path, **state):
@@ -608,54 +587,41 @@ def save_checkpoint(path, **state):
         # a full disk: OSError ENOSPC, or torch's writer failing ("unexpected pos", "file write failed")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(e, RuntimeError) and re.search(
                 "unexpected pos|write failed|inline_container", str(e)):
-            raise ValueError(disk_full(folder, os.path.basename(path))) from None
+            raise ValueError(one_line(OSError(errno.ENOSPC, str(e), os.path.basename(path)), folder)) from None
         raise
     fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def disk_full(folder, what):
-    """The line for a full disk: `folder`, its free space, what was not written, the last good checkpoint (the newest
-    whole one there: a failed save leaves no temporary)."""
-    good = max((entry.path for entry in os.scandir(folder) if entry.name.endswith(".pth")), key=os.path.getmtime,
-               default="none")
-    return (f"{folder} is full ({shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free): {what} was not written; "
-            f"the last good checkpoint is {good}: free space, then resume")
+    os.fsync(fd)  # make the rename itself durable
+    os.close(fd)
 
 
 def one_line(error, output_dir):
-    """What a stage's command line prints for an error it expects: its message, or for a full disk while a log,
-    features or pictures were written (OSError ENOSPC) disk_full's line. Any other OSError goes on as a traceback."""
-    if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+    """What a stage's command line prints for an error it expects: its message; for a full disk (OSError ENOSPC while a
+    checkpoint, log, features or pictures were written) the folder, its free space, what was not written and the last
+    good checkpoint (the newest whole one there: a failed save leaves no temporary). Other OSErrors stay tracebacks."""
+    if not isinstance(error, OSError):
+        return str(error)
+    if error.errno != errno.ENOSPC:
         raise error
-    return disk_full(output_dir, error.filename or "a file") if isinstance(error, OSError) else str(error)
+    good = max((entry.path for entry in os.scandir(output_dir) if entry.name.endswith(".pth")), key=os.path.getmtime,
+               default="none")
+    free = shutil.disk_usage(output_dir).free / 2 ** 20
+    return (f"{output_dir} is full ({free:.0f} MiB free): {error.filename or 'a file'} was not written; the last good "
+            f"checkpoint is {good}: free space, then resume")
 
 
 # ---------------------------------------------------------------- Optimizer parameter groups and learning-rate schedule
-def layer_id(name, depth):
-    """Layer of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, everything after -> depth + 1."""
-    name = name.removeprefix("encoder.")
-    if name.startswith(("patch_embed", "cls_token", "pos_embed", "mask_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
 def param_groups(model, weight_decay, layer_decay=None, depth=None, skip=("pos_embed", "cls_token", "mask_token")):
     """AdamW groups as the official: no weight decay on 1-D tensors, biases and the names in `skip`, matched whole (the
     official models' no_weight_decay(): VideoMAE's mask_token is exempt, the MVD student's mask_token_img/_vid are not;
-    MAE passes none, skip=()); optional layer-wise lr decay: layer i gets lr_scale = layer_decay ** (depth + 1 - i)."""
+    MAE passes none, skip=()); optional layer-wise lr decay: layer i gets lr_scale = layer_decay ** (depth + 1 - i),
+    where the embeddings are layer 0, block i layer i + 1, everything after layer depth + 1."""
     groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in [(name, p) for name, p in model.named_parameters() if p.requires_grad]:
         decay = 0.0 if p.ndim < 2 or name.endswith(".bias") or name in skip else weight_decay
-        layer = layer_id(name, depth) if layer_decay is not None else 0
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
+        block = re.match(r"(encoder\.)?blocks\.(\d+)\.", name)
+        layer = (0 if layer_decay is None or re.match(r"(encoder\.)?(patch_embed|cls_token|pos_embed|mask_token)", name)
+                 else int(block[2]) + 1 if block else depth + 1)
+        scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - layer)
         groups.setdefault((decay, layer), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
     return list(groups.values())
 
@@ -883,48 +849,47 @@ FLOP_FORMULAS = {
 
 
 # ---------------------------------------------------------------------- Devices: one path for a CPU, a GPU, torchrun
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @functools.cache
 def torchrun_store():
     """torchrun's store (env://), keys under this attempt's number: --max-restarts keeps one store for all attempts, and
     a restarted rank could read the address a killed rank had published, and hang (pytorch/pytorch#135712). One per
     process, kept. -> (store, rank, world_size)"""
     store, rank, world_size = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"attempt{attempt}/", store), rank, world_size
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store), rank, world_size
 
 
 def setup_distributed(args):
     """One device path: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); plain python runs one
     process. --precision auto is taken from what the hardware reports, never from a timing: bf16 on a GPU that computes
-    it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is 3x faster than fp32 on some CPUs with bf16 units
-    and 2x slower on others: --precision bf16 is the user's choice, docs/speed.md). A run that resumes keeps the
-    precision its checkpoint records, and rank 0's choice holds on every rank. args.precision becomes the choice, which
-    checkpoints record. Returns a namespace with ddp, rank, world_size, device, is_main, local_main, the autocast dtype,
-    autocast() (a context on the device in that dtype; off in fp32) and a GradScaler (enabled for fp16 only)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    it natively, else fp16 with loss scaling; fp32 on a CPU (bf16 is faster than fp32 on some CPUs with bf16 units and
+    slower on others: --precision bf16 is the user's choice, docs/speed.md). A resumed run keeps the precision its
+    checkpoint records; rank 0's choice holds on every rank and becomes args.precision, which checkpoints record."""
+    ddp, cuda, local = "RANK" in os.environ, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", 0))
+    store, rank, world = torchrun_store() if ddp else (None, 0, 1)
+    device = torch.device(f"cuda:{local}" if ddp and cuda else "cuda" if cuda else "cpu")
     if ddp:
-        store, rank, world = torchrun_store()
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(hours=2))  # not NCCL's 10 min: others wait for a rank
-        # that writes a large checkpoint or evaluates (the official code: 8 h)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # gloo's threads left
-        # running at exit can abort the process
+                                timeout=datetime.timedelta(hours=2))  # others wait while a rank saves or evaluates
+        # gloo's threads still running at exit can abort the process
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if args.precision == "auto":
         path, recorded = checkpoint_to_resume(args), None
         with contextlib.suppress(ValueError):  # a damaged one: resume() stops every rank with its error, not here
             recorded = saved_args(read_checkpoint(path)).get("precision") if path and os.path.exists(path) else None
         native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-        choice = recorded if recorded in DTYPES else "bf16" if native else "fp16" if cuda else "fp32"
+        choice, why = ((recorded, f"the precision {path} was trained in") if recorded in DTYPES else
+                       ("bf16", "a GPU with native bf16") if native else
+                       ("fp16", "a GPU without native bf16: fp16 with loss scaling") if cuda else
+                       ("fp32", "a CPU: fp32, whatever its units"))
+        box = [choice]
         if ddp:  # rank 0's choice for all, whatever each rank's disk holds
-            dist.broadcast_object_list(box := [choice], src=0)
-            choice = box[0]
-        why = (f"the precision {path} was trained in" if choice == recorded else "a GPU with native bf16" if native
-               else "a GPU without native bf16: fp16 with loss scaling" if cuda else "a CPU: fp32, whatever its units")
-        args.precision = choice
+            dist.broadcast_object_list(box, src=0)
+        args.precision = box[0]
         if rank == 0:
             print(f"--precision auto: {choice} ({why})", flush=True)
     if not cuda and args.precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
@@ -934,10 +899,9 @@ def setup_distributed(args):
         print("WARNING: --precision bf16: this CPU has no bf16 units, every product is emulated (50-100x slower than "
               "fp32): --precision fp32 is faster here", flush=True)
     dtype = DTYPES[args.precision]
-    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0,
-                           local_main=int(os.environ.get("LOCAL_RANK", 0)) == 0,  # writes its node's checkpoints
-                           dtype=dtype, autocast=functools.partial(torch.autocast, device.type, dtype=dtype,
-                                                                   enabled=dtype != torch.float32),
+    autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world, device=device, is_main=rank == 0, dtype=dtype,
+                           local_main=local == 0, autocast=autocast,  # local_main writes its node's checkpoints
                            scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
 
 
@@ -954,9 +918,6 @@ def agree(what, value, fix):
     return value
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def checkpoint_to_resume(args):
     """--resume, else with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists, else None."""
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -966,12 +927,13 @@ def checkpoint_to_resume(args):
 # ---------------------------------------------------------------------------- Command-line flags the three stages share
 NUM_SAMPLE_HELP = ("clips per decoded video, as the official --num_sample: R clips at R places (the image MAE: R "
                    "frames, or crops of an image), each its own crop and mask. A step sees batch_size x R clips per "
-                   "process, the lr scales with clips; an epoch still reads each video once (tools/bench_loader.py: "
-                   "R=2 is 1.3-1.4x the clips a core on unprepared videos)")
+                   "process, the lr scales with clips; an epoch reads each video once, faster per clip (docs/speed.md)")
+FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
+              ("warmup_epochs", lambda v: v >= 0, "0 or more"),
+              ("sampling_rate", lambda v: v >= 0, "0 or more (0 repeats one frame: the single-frame baseline)"))
 
 
-def clips_per_video(args):
-    """' x R clips per video' for the total batch's line where --num_sample R > 1, else ''."""
+def clips_per_video(args):  # for the total batch's line
     return f" x {args.num_sample} clips per video" if args.num_sample > 1 else ""
 
 
@@ -987,8 +949,7 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--sampling_rate", type=int, help="frames between sampled frames; 0 repeats one frame (a "
                                                      "single-frame baseline: no motion left to see)")
     p.add_argument("--input_size", type=int), p.add_argument("--batch_size", type=int, help="videos per process")
-    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames); "
-                   "8 at 64 px gives an 8x8 grid")
+    p.add_argument("--patch_size", type=int, default=16, help="pixels per side of a patch (a tube spans 2 frames)")
     p.add_argument("--epochs", type=int), p.add_argument("--warmup_epochs", type=int)
     p.add_argument("--update_freq", type=int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--blr", type=float, default=blr, help=f"base lr: lr = blr * total batch / 256{lr_note}")
@@ -1004,13 +965,11 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto: bf16 on GPUs that compute it natively, else fp16 with loss scaling (as "
                         "the official runs); fp32 on a CPU; a resumed run keeps its checkpoint's")
-    p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--cache_videos", action=argparse.BooleanOptionalAction, default=False,
                    help="decode each video once, before the loader's workers start, and keep it in memory (the "
-                        "workers share it): small sets of small videos, like the synthetic set, then load at the "
-                        "model's pace")
+                        "workers share it): small sets of small videos then load at the model's pace")
     p.add_argument("--max_bad_videos", type=int, help="stop after this many unreadable videos (default 1%%, >= 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=2), p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, bad_videos.txt" + (
         "" if output_dir else "; default output/{mode}_mae, where distill.py looks for teachers"))
     p.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
@@ -1019,15 +978,10 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--save_ckpt_freq", type=int, default=20, help="keep checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--save_every_steps", type=int, default=0, help="also write checkpoint-last.pth every N optimizer "
                    "steps inside an epoch, for an exact resume there (0: off)")
-    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
-                   "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (docs/speed.md), under 1%% of 15 minutes")
+    p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a save "
+                   "costs under 1%% of 15 minutes (docs/speed.md)")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
     p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
-
-
-FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
-              ("warmup_epochs", lambda v: v >= 0, "0 or more"),
-              ("sampling_rate", lambda v: v >= 0, "0 or more (0 repeats one frame: the single-frame baseline)"))
 
 
 def check_flags(p, args, rules):
@@ -1046,8 +1000,7 @@ def mask_ratio_rule(cells, kept=False):
 
 
 def fill_defaults(p, args, *tables):
-    """Flags left at None take the first table's value that has them; FLAG_RULES and the tube grid are checked (an
-    argparse error)."""
+    """Flags left at None take the first table's value that has them; then FLAG_RULES and the tube grid are checked."""
     for table in tables:
         for key, value in table.items():
             if getattr(args, key) is None:

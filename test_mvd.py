@@ -2758,6 +2758,11 @@ class TestFlagRefusals(TinyStages):
             shown = value if flag in ("--num_sample", "--batch_size", "--epochs", "--update_freq", "--warmup_epochs",
                                       "--sampling_rate", "--test_num_segment", "--test_num_crop") else str(float(value))
             self.assertTrue(line.endswith(f"error: {flag} {shown}: must be {what}"), (stage.__name__, line))
+        for stage, argv in ((pretrain_mae, ["--input_size", "36", "--patch_size", "8"]),
+                            (finetune, ["--num_frames", "5"])):  # the tube grid: whole patches, tubes of 2 frames
+            line = refusal(self, stage, argv)
+            self.assertRegex(line, r"error: --input_size \(\d+\) must be a multiple of --patch_size \(\d+\) and "
+                                   r"--num_frames \(\d+\) even \(tubes span 2 frames\)$")
         # the edges that stay valid: --sampling_rate 0 is the documented single-frame baseline
         args = finetune.get_args(["--sampling_rate", "0", "--smoothing", "0", "--layer_decay", "1", "--mixup", "0",
                                   "--cutmix", "0", "--warmup_epochs", "0", "--precision", "fp32"])
