@@ -997,7 +997,6 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a "
                    "ViT-B student's takes 1.5-6.4 s on a 2-core CPU (docs/speed.md), under 1%% of 15 minutes")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 
 
 FLAG_RULES = (*((f, lambda v: v >= 1, "at least 1") for f in ("num_sample", "batch_size", "epochs", "update_freq")),
