@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE, add_training_flags,
+from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, VideoMAE, add_training_flags,
                    agree, check_flags, check_trained_with, fill_defaults, load_checkpoint, mask_ratio_rule, one_line,
                    param_groups, read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
 
@@ -149,7 +149,6 @@ def main(args):
         data.use_synthetic_set(args, "all.csv")
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
                                 teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
@@ -175,5 +174,5 @@ if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"distill.py: error: {one_line(e, args.output_dir)}")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, check_flags, check_trained_with,
+from model import (VideoClassifier, add_training_flags, agree, check_flags, check_trained_with,
                    checkpoint_to_resume, fill_defaults, load_checkpoint, one_line, param_groups, read_checkpoint,
                    saved_args, scale_lr, setup_distributed, train_epochs)
 
@@ -163,7 +163,6 @@ def main(args):
         data.use_synthetic_set(args, "appearance")  # the appearance task's train.csv and val.csv
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     loaders = make_loaders(args, env)
     top = {split: max(label for _, label in loader.dataset.items) for split, loader in loaders.items()}
     nb_classes = args.nb_classes or 1 + top.get("train", max(top.values()))
@@ -299,5 +298,5 @@ if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"finetune.py: error: {one_line(e, args.output_dir)}")

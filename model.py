@@ -708,8 +708,7 @@ def train_epochs(args, env, raw, optimizer, loader, loss_fn, what, saved, evalua
 
 def resume(args, env, model, optimizer):
     """Model, optimizer and scaler from checkpoint_to_resume(args). -> where to continue, SimpleNamespace(epoch, step,
-    sums, count): the optimizer steps done in that epoch and its log line's running sums (a checkpoint written
-    mid-epoch), else step 0 of the next epoch."""
+    sums, count): the steps done in that epoch and its log line's running sums (from a checkpoint written inside it)."""
     path = checkpoint_to_resume(args)
     try:  # each node's local rank 0 writes its copy: read here, agreed on below
         state, damaged = (read_checkpoint(path) if path and os.path.exists(path) else {}), ""
@@ -724,15 +723,14 @@ def resume(args, env, model, optimizer):
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
-    # One rule, inside an epoch and at its end: the checkpoint's --num_sample and total batch of videos. Together they
-    # set the lr (it follows the total batch of clips in pretraining and distillation, of videos in fine-tuning, as the
-    # official) and its schedule, and which samples each step sees.
+    # One rule, inside an epoch and at its end: the checkpoint's --num_sample and total batch of videos, which set the
+    # lr (as the official: of clips in pretraining and distillation, of videos in fine-tuning), its schedule, samples.
     check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)
-    if state.get("total_batch", total_batch(args, env, False)) != total_batch(args, env, False):  # old runs: none
+    videos = total_batch(args, env, clips=False)
+    if state.get("total_batch", videos) != videos:  # end-of-epoch checkpoints of older runs record none
         raise ValueError(f"{path} was trained with a total batch of {state['total_batch']} videos, this run's is "
-                         f"{total_batch(args, env, False)} ({env.world_size} x {args.batch_size} x {args.update_freq}): "
-                         f"another lr and other steps; restart with processes x --batch_size x --update_freq = "
-                         f"{state['total_batch']}")
+                         f"{videos} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and other "
+                         f"steps; restart with processes x --batch_size x --update_freq = {state['total_batch']}")
     mid_epoch = "step" in state  # written inside an epoch, else at its end
     start = SimpleNamespace(epoch=state["epoch"] + (not mid_epoch), step=state.get("step", 0),
                             sums=state.get("sums", {}), count=state.get("count", 0))
@@ -775,18 +773,13 @@ def share_buffers(env, raw):  # rank 0's buffers (a linear probe's BatchNorm sta
         dist.broadcast(buffer, 0)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
-    """One epoch of optimizer steps on loss_fn(model, batch) -> (loss, {name: float}) under autocast, then
-    evaluate(epoch) -> {name: value} if given (every rank), rank 0's log.txt line (train_ + each mean over every rank's
-    micro-batches, and evaluate's) and the checkpoint. Gradients accumulate over --update_freq micro-batches (DDP syncs
-    on the last); the lr follows cosine_schedule per optimizer step. Exact continuation: every --save_every_steps /
-    --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps done and the log's sums, which resume()
-    gives back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop
-    path, dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    """One epoch of optimizer steps on loss_fn(model, batch) -> (loss, {name: float}), then evaluate(epoch) -> {name:
+    value} if given, rank 0's log.txt line (each mean over every rank's micro-batches) and the checkpoint. Exact
+    continuation: every --save_every_steps / --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps
+    done and the log's sums, which resume() gives back as `start`: those steps' samples are left out, unread. No RNG
+    state is saved: a step's randomness (drop path, dropout, mixup) is seeded from (seed, step, rank), a sample's from
+    (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model  # what checkpoints hold
     steps, micro = len(loader) // args.update_freq, len(loader) // args.update_freq * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
@@ -805,7 +798,7 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
                     step, args.epochs * steps, args.warmup_epochs * steps, args.lr, args.min_lr)
         last_micro = (i + 1) % args.update_freq == 0
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
-        with sync(), env.autocast():  # 2. the loss, its means over the ranks (a non-finite one stops them), backward
+        with sync(), env.autocast():  # 2. the loss, its means over the ranks, backward
             loss, logs = loss_fn(model, batch)
         late = bool(args.save_every_minutes) and time.time() - last_save >= 60 * args.save_every_minutes
         logs, late = mean_over_ranks(env, {"loss": loss.detach(), **logs}, late, f"epoch {epoch}, step {i} (global "
@@ -844,16 +837,15 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
 
 
 def mean_over_ranks(env, logs, late, where):
-    """{name: this rank's value} -> {name: the mean over the ranks} and whether any rank's clock says a checkpoint is
-    due, in one all_reduce: the ranks stop together on a non-finite loss (the others would hang in the next
-    all-reduce), save together and log the mean over every rank's micro-batches."""
+    """{name: this rank's value} -> {name: the mean over the ranks}, and whether any rank's clock says a checkpoint is
+    due, in one all_reduce: the ranks stop together on a non-finite loss (the others would hang), save together."""
     values = torch.tensor([float(v) for v in logs.values()] + [late], dtype=torch.float64)
     if env.ddp:
         values = values.to(env.device)
         dist.all_reduce(values)
     if not torch.isfinite(values).all():
-        raise NonFiniteLoss(f"loss is {values[0].item()} at {where}. Try a lower --lr, --clip_grad 1.0 or --precision "
-                            "fp32")
+        raise FloatingPointError(f"loss is {values[0].item()} at {where}. Try a lower --lr, --clip_grad 1.0 or "
+                                 "--precision fp32")
     return dict(zip(logs, (values[:-1] / env.world_size).tolist())), bool(values[-1] > 0)
 
 

@@ -14,7 +14,7 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, check_flags,
+from model import (NUM_SAMPLE_HELP, ImageMAE, VideoMAE, add_training_flags, check_flags,
                    check_trained_with, checkpoint_to_resume, fill_defaults, mask_ratio_rule, one_line, param_groups,
                    read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
 
@@ -85,7 +85,6 @@ def main(args):
         data.use_synthetic_set(args, "all.csv")
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
                   num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
                   max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
@@ -112,5 +111,5 @@ if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"pretrain_mae.py: error: {one_line(e, args.output_dir)}")

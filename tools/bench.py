@@ -25,7 +25,7 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_mae  # noqa: E402
-from model import NonFiniteLoss, param_groups, save_checkpoint, setup_distributed  # noqa: E402
+from model import param_groups, save_checkpoint, setup_distributed  # noqa: E402
 
 STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
 
@@ -132,5 +132,5 @@ if __name__ == "__main__":
     stage, args = get_args()
     try:
         main(stage, args)
-    except (ValueError, NonFiniteLoss, OSError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"bench.py: error: {e}")
