@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, VideoMAE, add_training_flags,
-                   agree, check_flags, check_trained_with, fill_defaults, load_checkpoint, mask_ratio_rule, one_line,
-                   param_groups, read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
+from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, VideoMAE, add_training_flags, agree, check_flags,
+                   check_trained_with, fill_defaults, load_checkpoint, mask_ratio_rule, one_line, param_groups,
+                   read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
@@ -119,10 +119,10 @@ def mvd_loss(pred, feats, mask, loss_func):
 def build(args, env):
     """What this stage trains, as main, tools/bench.py and tools/visualize.py build it: the student, its loss_fn(model,
     batch) -> (loss, {loss_img, loss_vid}) and the frozen teachers, only those with a loss weight."""
+    torch.manual_seed(args.seed)  # the same initial weights (random teachers' too) in every process and every run
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
     teachers = {name: build_teacher(kind, args, env.device, env.dtype)
                 for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
-    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     student = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth, patch_size=args.patch_size,
                          img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
                          vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,

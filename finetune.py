@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (VideoClassifier, add_training_flags, agree, check_flags, check_trained_with,
-                   checkpoint_to_resume, fill_defaults, load_checkpoint, one_line, param_groups, read_checkpoint,
-                   saved_args, scale_lr, setup_distributed, train_epochs)
+from model import (VideoClassifier, add_training_flags, agree, check_flags, check_trained_with, checkpoint_to_resume,
+                   fill_defaults, load_checkpoint, one_line, param_groups, read_checkpoint, saved_args, scale_lr,
+                   setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).

@@ -14,9 +14,9 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, VideoMAE, add_training_flags, check_flags,
-                   check_trained_with, checkpoint_to_resume, fill_defaults, mask_ratio_rule, one_line, param_groups,
-                   read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
+from model import (NUM_SAMPLE_HELP, ImageMAE, VideoMAE, add_training_flags, check_flags, check_trained_with,
+                   checkpoint_to_resume, fill_defaults, mask_ratio_rule, one_line, param_groups, read_checkpoint,
+                   saved_args, scale_lr, setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
