@@ -11,7 +11,6 @@ frame) carries spatial knowledge, the video teacher (a VideoMAE) temporal knowle
     torchrun distill.py --model vit_base     # no --data_path: a demo on the synthetic set, minutes on a CPU
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (FLOP_FORMULAS, NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, NonFiniteLoss, VideoMAE,
-                   add_training_flags, agree, bench_steps, check_flags, check_trained_with, clips_per_video,
-                   fill_defaults, load_checkpoint, mask_ratio_rule, one_line, param_groups, read_checkpoint, resume,
-                   save_checkpoint, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
+from model import (NUM_SAMPLE_HELP, VIT_SIZES, ImageMAE, MVDStudent, VideoMAE, add_training_flags, agree, check_flags,
+                   check_trained_with, fill_defaults, load_checkpoint, mask_ratio_rule, one_line, param_groups,
+                   read_checkpoint, saved_args, scale_lr, setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo (~5 min on 2 cores) without.
 OFFICIAL = dict(epochs=400, warmup_epochs=40, batch_size=16, input_size=224, num_frames=16, sampling_rate=4,
@@ -118,22 +116,20 @@ def mvd_loss(pred, feats, mask, loss_func):
     return LOSSES[loss_func](pred.float(), target.float())
 
 
-def main(args):
-    # 1. Devices and DDP
-    env = setup_distributed(args)
-    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
-    # 2. Teachers (frozen, only those with a loss weight) and the student
+def build(args, env):
+    """What this stage trains, as main, tools/bench.py and tools/visualize.py build it: the student, its loss_fn(model,
+    batch) -> (loss, {loss_img, loss_vid}) and the frozen teachers, only those with a loss weight."""
+    torch.manual_seed(args.seed)  # the same initial weights (random teachers' too) in every process and every run
     weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
     teachers = {name: build_teacher(kind, args, env.device, env.dtype)
                 for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
-    raw = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth, patch_size=args.patch_size,
-                     img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
-                     vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,
-                     decoder_dim=args.feat_decoder_embed_dim, decoder_heads=args.feat_decoder_num_heads,
-                     drop_path=args.drop_path, use_checkpoint=args.use_checkpoint, depth=args.depth).to(env.device)
-    model = raw  # DDP-wrapped below, once the checkpoint is restored
+    student = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth, patch_size=args.patch_size,
+                         img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
+                         vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,
+                         decoder_dim=args.feat_decoder_embed_dim, decoder_heads=args.feat_decoder_num_heads,
+                         drop_path=args.drop_path, use_checkpoint=args.use_checkpoint, depth=args.depth)
 
-    def loss_fn(batch):  # clips come as uint8 and are normalized here, on the device
+    def loss_fn(model, batch):  # clips come as uint8 and are normalized here, on the device
         video = data.normalize(batch["video"].to(env.device, non_blocking=True))  # (B, 3, T, H, W)
         mask = batch["mask"].to(env.device, non_blocking=True)
         clips = {"vid": video, "img": data.normalize(batch["teacher_video"].to(env.device))
@@ -142,15 +138,17 @@ def main(args):
         losses = {name: mvd_loss(preds[name], teacher_features(t, clips[name], args.norm_feature), mask,
                                  args.distill_loss_func) for name, t in teachers.items()}
         return sum(weights[n] * losses[n] for n in losses), {f"loss_{n}": v.item() for n, v in losses.items()}
+    return student.to(env.device), loss_fn, teachers
 
-    if args.bench:
-        return bench(args, env, raw, teachers, loss_fn)
-    # 3. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
+
+def main(args):
+    # 1. Devices and DDP
+    env = setup_distributed(args)
+    # 2. Data: clips with a tube mask (and the same crop at the teachers' size when it differs)
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                 sampling_rate=args.sampling_rate, input_size=args.input_size,
                                 teacher_input_size=args.teacher_input_size, mask_ratio=args.mask_ratio,
@@ -159,60 +157,22 @@ def main(args):
                                 cache_videos=args.cache_videos)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
+    # 3. The frozen teachers and the student
+    student, loss_fn, teachers = build(args, env)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch of clips, no decay on biases and
     # norms (the student's mask tokens decay, as the official)
     total = scale_lr(args, env)
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
-    if env.is_main:
-        print(f"MVD student {args.model} from teachers {', '.join(teachers)}: total batch {total} "
-              f"({env.world_size} x {args.batch_size} x {args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, "
-              f"min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch", flush=True)
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically; its 'model'
     # loads into the official MVD student
-    for epoch in range(start.epoch, args.epochs):
-        train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
-    if env.is_main:
-        print(f"done: student checkpoint in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
-    return raw
-
-
-def bench(args, env, student, teachers, loss_fn):  # loss_fn runs the student
-    """Distillation steps on random clips (no data loading): one JSON line with time, memory and FLOP figures."""
-    from torch.utils.flop_counter import FlopCounterMode
-    B, S, T = args.batch_size, args.input_size, args.num_frames
-    batch = {"video": torch.randint(256, (B, 3, T, S, S), dtype=torch.uint8),
-             "mask": data.tube_mask(student.grid, args.mask_ratio, torch.Generator())[None].expand(B, -1)}
-    if args.teacher_input_size != S:
-        batch["teacher_video"] = torch.randint(256, (B, 3, T, args.teacher_input_size, args.teacher_input_size),
-                                               dtype=torch.uint8)
-    batch = {k: v.to(env.device) for k, v in batch.items()}  # on the device once: the step is what is timed
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
-
-    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
-        step()
-    result = bench_steps(step, args.bench, B)
-    a = torch.randn(1024, 1024, dtype=env.dtype, device=env.device)  # the device's product speed in this dtype
-    matmul = bench_steps(lambda: a @ a, 3, 1)["step_s"]
-    gflop = counter.get_total_flops() / 1e9 / B
-    # a checkpoint of the student and its AdamW state, as written inside an epoch: the cost --save_every_minutes pays
-    path = os.path.join(args.output_dir, "bench-checkpoint.pth")
-    saving = bench_steps(lambda: save_checkpoint(path, model=student.state_dict(), optimizer=optimizer.state_dict()),
-                         3, 1)
-    checkpoint_gb = os.path.getsize(path) / 1e9
-    os.unlink(path)
-    print(json.dumps({"model": args.model, "teachers": {n: type(t).__name__ for n, t in teachers.items()},
-                      "precision": args.precision, "batch_size": B, "frames": T, "input_size": S, **result,
-                      "gflop_per_clip": round(gflop, 1), "achieved_gflops": round(gflop * result["clips_per_s"], 1),
-                      "matmul_gflops": round(2 * 1024 ** 3 / matmul / 1e9, 1), "checkpoint_s": saving["step_s"],
-                      "checkpoint_gb": round(checkpoint_gb, 3)}))
+    return train_epochs(args, env, student, optimizer, loader, loss_fn,
+                        f"MVD student {args.model} from teachers {', '.join(teachers)}: {total}",
+                        "student checkpoint")
 
 
 if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"distill.py: error: {one_line(e, args.output_dir)}")

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from model import (NonFiniteLoss, VideoClassifier, add_training_flags, agree, bench_steps, check_flags,
-                   check_trained_with, checkpoint_to_resume, fill_defaults, load_checkpoint, one_line, param_groups,
-                   read_checkpoint, resume, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
+from model import (VideoClassifier, add_training_flags, agree, check_flags, check_trained_with, checkpoint_to_resume,
+                   fill_defaults, load_checkpoint, one_line, param_groups, read_checkpoint, saved_args, scale_lr,
+                   setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path (ViT-B; K400: 6 per GPU x --update_freq 2 x
 # 32 GPUs = 384, SSv2: 24 x 16 GPUs), a CPU-sized demo without one (one crop: the synthetic videos are square).
@@ -159,31 +159,18 @@ def main(args):
     if (args.eval or args.extract_features) and not (args.finetune or run_state):
         raise ValueError("nothing to evaluate: give --finetune PATH or --resume PATH (or train first)")
     # 2. Data: train.csv, val.csv (every --eval_freq epochs), test.csv (the final evaluation, when present)
-    if args.data_path is None and not args.bench:
+    if args.data_path is None:
         data.use_synthetic_set(args, "appearance")  # the appearance task's train.csv and val.csv
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     loaders = make_loaders(args, env)
     top = {split: max(label for _, label in loader.dataset.items) for split, loader in loaders.items()}
-    nb_classes = args.nb_classes or 1 + top.get("train", max(top.values(), default=399))  # --bench: K400's 400
-    if max(top.values(), default=0) >= nb_classes:
+    nb_classes = args.nb_classes or 1 + top.get("train", max(top.values()))
+    if max(top.values()) >= nb_classes:
         raise ValueError(f"labels up to {max(top.values())} in the lists, but --nb_classes is {nb_classes}")
-    # 3. Model: frozen encoder + BatchNorm/linear head for a linear probe; the layer norms' epsilon of the weights it
-    # starts from (a Hub VideoMAE's 1e-12, else 1e-6), recorded in this run's checkpoints
+    # 3. Model, from the weights this mode reads
     weights = (args.finetune or run_state) if args.eval or args.extract_features else run_state or args.finetune
-    args.layer_norm_eps = saved_args(read_checkpoint(weights)).get("layer_norm_eps", 1e-6) if weights else 1e-6
-    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
-    raw = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
-                          drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
-                          pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth,
-                          eps=args.layer_norm_eps)
-    if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
-        raw.head = torch.nn.Sequential(torch.nn.BatchNorm1d(raw.dim, affine=False, eps=1e-6), raw.head)
-        raw.requires_grad_(False).head.requires_grad_(True)
-    raw.to(env.device)
-    if args.bench:
-        return bench(args, env, raw, nb_classes)
+    raw, loss_fn = build(args, env, nb_classes, weights)
     # 4. One mode: features or an evaluation of given weights, or training (a fresh run starts from --finetune)
     if args.eval or args.extract_features:  # the weights of --finetune, else of this run's checkpoint
         missing, _ = load_pretrained(raw, weights, args.pos_embed)
@@ -199,14 +186,35 @@ def main(args):
     else:
         print("no --finetune: training from a random initialisation (a baseline; the student is "
               "--finetune output/distill/checkpoint-last.pth)")
-    return train(args, env, raw, loaders, nb_classes)
+    return train(args, env, raw, loaders, nb_classes, loss_fn)
+
+
+def build(args, env, nb_classes, weights=None):
+    """What this stage trains, as main, tools/bench.py and tools/visualize.py build it: the classifier (a frozen encoder
+    and a BatchNorm/linear head for a linear probe) and loss_fn(model, batch) -> (loss, {}), soft-target cross entropy
+    on mixed clips, as the official (timm's SoftTargetCrossEntropy after its Mixup). Its layer norms take the epsilon
+    of the weights it starts from (a Hub VideoMAE's 1e-12, else 1e-6), recorded in this run's checkpoints."""
+    args.layer_norm_eps = saved_args(read_checkpoint(weights)).get("layer_norm_eps", 1e-6) if weights else 1e-6
+    torch.manual_seed(args.seed)  # the same initial weights (a fresh head at least) in every process and every run
+    model = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
+                            drop_path=args.drop_path, head_drop=args.fc_drop_rate, init_scale=args.init_scale,
+                            pos=args.pos_embed, use_checkpoint=args.use_checkpoint, depth=args.depth,
+                            eps=args.layer_norm_eps)
+    if args.linear_probe:  # as MAE: BatchNorm1d without affine parameters, then the head (keys head.0.*, head.1.*)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.dim, affine=False, eps=1e-6), model.head)
+        model.requires_grad_(False).head.requires_grad_(True)
+    mix = data.mixup_cutmix(nb_classes, args.mixup, args.cutmix, args.smoothing)
+
+    def loss_fn(model, batch):
+        video, labels = batch["video"].to(env.device, non_blocking=True), batch["label"].to(env.device)  # B x R clips
+        video, targets = mix(video, labels)
+        return F.cross_entropy(model(video).float(), targets), {}
+    return model.to(env.device), loss_fn
 
 
 def make_loaders(args, env):
     """{split: loader}: train.csv (augmented clips), val.csv and test.csv (every view), or for --extract_features the
-    list (val.csv of a folder) with one centre crop of one clip; none for --bench."""
-    if args.bench:
-        return {}
+    list (val.csv of a folder) with one centre crop of one clip."""
     if args.extract_features:
         lists = {"features": os.path.join(args.data_path, "val.csv") if os.path.isdir(args.data_path) else args.data_path}
     else:
@@ -232,43 +240,20 @@ def make_loaders(args, env):
                                     device_type=env.device.type) for split, d in sets.items()}
 
 
-def loss_function(args, env, model, nb_classes):
-    """loss_fn(batch) -> (loss, {}): soft-target cross entropy on mixed clips, as the official (timm's
-    SoftTargetCrossEntropy after its Mixup)."""
-    mix = data.mixup_cutmix(nb_classes, args.mixup, args.cutmix, args.smoothing)
-
-    def loss_fn(batch):
-        video, labels = batch["video"].to(env.device, non_blocking=True), batch["label"].to(env.device)  # B x R clips
-        video, targets = mix(video, labels)
-        return F.cross_entropy(model(video).float(), targets), {}
-    return loss_fn
-
-
-def train(args, env, raw, loaders, nb_classes):
+def train(args, env, raw, loaders, nb_classes, loss_fn):
     """Fine-tuning or a linear probe: AdamW (0.9, 0.999) with layer-wise lr decay, lr and min_lr scaled with the total
     batch of videos; evaluation every --eval_freq epochs and after the last (test.csv if present), then each epoch's log
     line and checkpoint (a run killed during an evaluation resumes inside the epoch and evaluates once)."""
     total = scale_lr(args, env, clips=False)  # videos, as the official (not x num_sample)
     optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, args.layer_decay, raw.depth), lr=args.lr,
                                   betas=(0.9, 0.999))
-    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
-    if env.is_main:
-        print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: total "
-              f"batch {total} ({env.world_size} x {args.batch_size} x {args.update_freq}) x {args.num_sample} "
-              f"clips, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loaders['train'])} steps per epoch", flush=True)
     final = "test" if "test" in loaders else "val"
 
     def evaluate_due(epoch):
         split = final if epoch + 1 == args.epochs else "val" if (epoch + 1) % args.eval_freq == 0 else None
         return evaluate_and_report(args, env, raw, loaders[split], nb_classes, split, epoch) if split else {}
-
-    loss_fn = loss_function(args, env, model, nb_classes)
-    for epoch in range(start.epoch, args.epochs):
-        train_one_epoch(args, env, model, loaders["train"], optimizer, epoch, loss_fn, start, evaluate_due)
-    if env.is_main:
-        print(f"done: classifier weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
-    return raw
+    what = f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.model} on {nb_classes} classes: {total}"
+    return train_epochs(args, env, raw, optimizer, loaders["train"], loss_fn, what, "classifier weights", evaluate_due)
 
 
 def evaluate_once(args, env, model, loaders, nb_classes, weights):
@@ -309,21 +294,9 @@ def extract_features(args, env, model, loader):
     return model
 
 
-def bench(args, env, model, nb_classes):
-    """Fine-tuning steps on random clips (no data loading, mixup included): one JSON line."""
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay, model.depth), lr=1e-4)
-    B, S, T = args.batch_size, args.input_size, args.num_frames
-    batch = {"video": torch.randn(B * args.num_sample, 3, T, S, S, device=env.device),
-             "label": torch.randint(nb_classes, (B,), device=env.device).repeat_interleave(args.num_sample)}
-    loss_fn = loss_function(args, env, model, nb_classes)
-    step = training_step(env, lambda: loss_fn(batch)[0], optimizer)
-    print(json.dumps({"model": args.model, "precision": args.precision, "batch_size": B, "num_sample": args.num_sample,
-                      "frames": T, "input_size": S, **bench_steps(step, args.bench, B * args.num_sample)}))
-
-
 if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"finetune.py: error: {one_line(e, args.output_dir)}")

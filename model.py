@@ -634,7 +634,7 @@ def cosine_schedule(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ------------------------------- The loop the three stages share: resume, one epoch of optimizer steps, --bench
+# ----------------------------------- The loop the three stages share: resume, epochs of optimizer steps, checkpoints
 def total_batch(args, env, clips=True):
     """Samples an optimizer step takes over every process, as the official code counts them for the lr: clips (batch
     x --num_sample) in pretraining and distillation, videos in fine-tuning (clips=False)."""
@@ -642,16 +642,29 @@ def total_batch(args, env, clips=True):
 
 
 def scale_lr(args, env, clips=True):
-    """--lr (else --blr) and --min_lr as the official scripts: x total batch / 256. -> the total batch."""
-    total = total_batch(args, env, clips)
+    """--lr (else --blr) and --min_lr as the official scripts: x total batch / 256. -> the total batch in words."""
+    total, split = total_batch(args, env, clips), f"{env.world_size} x {args.batch_size} x {args.update_freq}"
     args.lr, args.min_lr = args.lr or args.blr * total / 256, args.min_lr * total / 256
-    return total
+    return f"total batch {total} " + (f"({split}{clips_per_video(args)})" if clips else
+                                      f"({split}) x {args.num_sample} clips")
+
+
+def train_epochs(args, env, raw, optimizer, loader, loss_fn, what, saved, evaluate=None):
+    """Epochs of train_one_epoch from where resume() says to --epochs, `raw` wrapped in DDP under torchrun."""
+    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
+    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
+    if env.is_main:  # flushed before the loader's workers fork, or they print it again
+        print(f"{what}, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch", flush=True)
+    for epoch in range(start.epoch, args.epochs):
+        train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate)
+    if env.is_main:
+        print(f"done: {saved} in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
+    return raw
 
 
 def resume(args, env, model, optimizer):
-    """--resume PATH, or with --auto_resume OUTPUT_DIR/checkpoint-last.pth when it exists: restore model, optimizer and
-    scaler. -> where to continue, SimpleNamespace(epoch, step, sums, count): the optimizer steps already done in that
-    epoch and the running sums of its log line (from a checkpoint written mid-epoch), else step 0 of the next epoch."""
+    """Model, optimizer and scaler from checkpoint_to_resume(args). -> where to continue, SimpleNamespace(epoch, step,
+    sums, count): the steps done in that epoch and its log line's running sums (from a checkpoint written inside it)."""
     path = checkpoint_to_resume(args)
     try:  # each node's local rank 0 writes its copy: read here, agreed on below
         state, damaged = (read_checkpoint(path) if path and os.path.exists(path) else {}), ""
@@ -666,23 +679,22 @@ def resume(args, env, model, optimizer):
     if not all(k in state for k in ("model", "optimizer", "epoch")):
         raise ValueError(f"{path} is not a training checkpoint of this stage (no optimizer/epoch): to start from its "
                          "weights use the stage's weight flag instead of --resume, or pass --no-auto_resume")
-    mid_epoch = "step" in state  # written inside an epoch, else at its end
-    # One rule, inside an epoch and at its end: the checkpoint's --num_sample and total batch of videos. Together they
-    # set the lr (it follows the total batch of clips in pretraining and distillation, of videos in fine-tuning, as the
-    # official) and its schedule, and which samples each step sees.
+    # One rule, inside an epoch and at its end: the checkpoint's --num_sample and total batch of videos, which set the
+    # lr (as the official: of clips in pretraining and distillation, of videos in fine-tuning), its schedule, samples.
     check_trained_with(path, saved_args(state), "num_sample", args.num_sample, 1)
     videos = total_batch(args, env, clips=False)
     if state.get("total_batch", videos) != videos:  # end-of-epoch checkpoints of older runs record none
         raise ValueError(f"{path} was trained with a total batch of {state['total_batch']} videos, this run's is "
-                         f"{videos} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and "
-                         f"other steps; restart with processes x --batch_size x --update_freq = {state['total_batch']}")
-    start = SimpleNamespace(epoch=state["epoch"] if mid_epoch else state["epoch"] + 1, step=state.get("step", 0),
+                         f"{videos} ({env.world_size} x {args.batch_size} x {args.update_freq}): another lr and other "
+                         f"steps; restart with processes x --batch_size x --update_freq = {state['total_batch']}")
+    mid_epoch = "step" in state  # written inside an epoch, else at its end
+    start = SimpleNamespace(epoch=state["epoch"] + (not mid_epoch), step=state.get("step", 0),
                             sums=state.get("sums", {}), count=state.get("count", 0))
     load_checkpoint(model, state["model"], verbose=False)
     optimizer.load_state_dict(state["optimizer"])
-    trained_in = saved_args(state).get("precision", args.precision)
-    if trained_in != args.precision and env.is_main:
-        print(f"{path} was trained in {trained_in}; this run continues in {args.precision} (--precision)", flush=True)
+    if saved_args(state).get("precision", args.precision) != args.precision and env.is_main:
+        print(f"{path} was trained in {saved_args(state)['precision']}; this run continues in {args.precision} "
+              "(--precision)", flush=True)
     if state.get("scaler") and env.scaler.is_enabled():  # fp16's loss scale; other precisions save an empty state
         env.scaler.load_state_dict(state["scaler"])
     log = os.path.join(args.output_dir, "log.txt")
@@ -696,9 +708,9 @@ def resume(args, env, model, optimizer):
 
 
 def save_training_state(args, env, model, optimizer, epoch, progress=None):
-    """checkpoint-last.pth every epoch, checkpoint-{epoch}.pth every --save_ckpt_freq, by each node's first process
-    (nodes need not share a disk; every rank holds rank 0's state); weights in the official layout, the total batch of
-    videos (resume() holds a resumed run to it). progress: dict(step, sums, count) inside the epoch."""
+    """checkpoint-last.pth, and checkpoint-{epoch}.pth every --save_ckpt_freq, by each node's first process (nodes need
+    not share a disk; every rank holds rank 0's state): weights in the official layout, the total batch of videos
+    (resume() holds a resumed run to it). progress: dict(step, sums, count) inside the epoch."""
     share_buffers(env, model)
     if not env.local_main:
         return
@@ -712,61 +724,64 @@ def save_training_state(args, env, model, optimizer, epoch, progress=None):
     save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def share_buffers(env, raw):  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer
+    for buffer in raw.buffers() if env.ddp else ():  # broadcasts) on every rank: before an evaluation, a checkpoint
+        dist.broadcast(buffer, 0)
 
 
 def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
-    """One epoch of optimizer steps, loss_fn(batch) -> (loss, {name: float}) under autocast, then evaluate(epoch) ->
-    {name: value} if given (every rank), then rank 0's log.txt line (train_ + each mean over every rank's micro-batches,
-    and evaluate's) and the checkpoint, written by each node's first process.
-    Gradients accumulate over --update_freq micro-batches (DDP syncs on the last); the lr follows cosine_schedule per
-    optimizer step; a non-finite loss stops the run before its step. Exact continuation: every --save_every_steps /
-    --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps done and the log's sums, which resume()
-    gives back as `start`: those steps' samples are left out, unread. No RNG state is saved: a step's randomness (drop
-    path, dropout, mixup) is seeded from (seed, step, rank), a sample's from (seed, epoch, index) (data.py)."""
+    """One epoch of optimizer steps on loss_fn(model, batch) -> (loss, {name: float}), then evaluate(epoch) -> {name:
+    value} if given, rank 0's log.txt line (each mean over every rank's micro-batches) and the checkpoint. Exact
+    continuation: every --save_every_steps / --save_every_minutes (any rank's clock) checkpoint-last.pth gets the steps
+    done and the log's sums, which resume() gives back as `start`: those steps' samples are left out, unread. No RNG
+    state is saved: a step's randomness (drop path, dropout, mixup) is seeded from (seed, step, rank), a sample's from
+    (seed, epoch, index) (data.py)."""
     raw = model.module if env.ddp else model  # what checkpoints hold
-    steps_per_epoch = len(loader) // args.update_freq
-    micro_batches = steps_per_epoch * args.update_freq
+    steps, micro = len(loader) // args.update_freq, len(loader) // args.update_freq * args.update_freq
     done, sums, count = (start.step, dict(start.sums), start.count) if epoch == start.epoch else (0, {}, 0)
     first = done * args.update_freq  # micro-batches already done in this epoch
     loader.sampler.set_epoch(epoch, skip=first * args.batch_size)
     model.train()
     begin = last_save = ready = time.time()
     waited = 0.0  # seconds spent waiting for the loader: an epoch at the model's pace waits little
-    for i, batch in enumerate(itertools.islice(loader, micro_batches - first), start=first):
+    for i, batch in enumerate(itertools.islice(loader, micro - first), start=first):
         waited += time.time() - ready
-        step = epoch * steps_per_epoch + i // args.update_freq  # global optimizer step
+        step = epoch * steps + i // args.update_freq  # global optimizer step
         if i % args.update_freq == 0:  # 1. a new optimizer step: its random stream and its lr
             torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + env.rank)
             for group in optimizer.param_groups:
                 group["lr"] = group.get("lr_scale", 1.0) * cosine_schedule(
-                    step, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch, args.lr, args.min_lr)
+                    step, args.epochs * steps, args.warmup_epochs * steps, args.lr, args.min_lr)
         last_micro = (i + 1) % args.update_freq == 0
         sync = model.no_sync if env.ddp and not last_micro else contextlib.nullcontext  # a new context at each use
         with sync(), env.autocast():  # 2. the loss, its means over the ranks, backward
-            loss, logs = loss_fn(batch)
+            loss, logs = loss_fn(model, batch)
         late = bool(args.save_every_minutes) and time.time() - last_save >= 60 * args.save_every_minutes
         logs, late = mean_over_ranks(env, {"loss": loss.detach(), **logs}, late, f"epoch {epoch}, step {i} (global "
                                      f"step {step}): stopping; the last good checkpoint in {args.output_dir} is untouched")
         with sync():
             env.scaler.scale(loss / args.update_freq).backward()
         sums, count = {k: sums.get(k, 0.0) + v for k, v in logs.items()}, count + 1
-        if last_micro:  # 3. the optimizer step, and a checkpoint inside the epoch when one is due
-            optimizer_step(args, env, model, optimizer)
+        if last_micro:  # 3. the optimizer step (unscaled, clipped to --clip_grad if given), a checkpoint when due
+            if args.clip_grad:
+                env.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            env.scaler.step(optimizer)
+            env.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             done = (i + 1) // args.update_freq
-            if (args.save_every_steps and done % args.save_every_steps == 0 or late) and done < steps_per_epoch:
+            if (args.save_every_steps and done % args.save_every_steps == 0 or late) and done < steps:
                 save_training_state(args, env, raw, optimizer, epoch, dict(step=done, sums=sums, count=count))
                 last_save = time.time()
         if env.is_main and (i + 1) % args.log_every == 0:  # 4. a line every --log_every micro-batches
             elapsed, this_run = time.time() - begin, i + 1 - first
             clips_s = this_run * args.batch_size * args.num_sample * env.world_size / elapsed  # R clips a video
-            print(f"epoch {epoch} step {i + 1}/{micro_batches} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+            print(f"epoch {epoch} step {i + 1}/{micro} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                   + f" lr {optimizer.param_groups[0]['lr']:.2e} clips/s {clips_s:.2f} "
-                  f"eta {elapsed / this_run * (micro_batches - i - 1):.0f}s", flush=True)
+                  f"eta {elapsed / this_run * (micro - i - 1):.0f}s", flush=True)
         ready = time.time()
     if env.is_main:  # 5. the epoch's end: its evaluation, log line and checkpoint
-        print(f"epoch {epoch}: {micro_batches - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
+        print(f"epoch {epoch}: {micro - first} steps in {time.time() - begin:.1f} s, {waited:.1f} s of them "
               "waiting for data", flush=True)
     share_buffers(env, raw)
     stats = {**{f"train_{k}": v / max(1, count) for k, v in sums.items()}, **(evaluate(epoch) if evaluate else {})}
@@ -778,74 +793,16 @@ def train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start, 
 
 
 def mean_over_ranks(env, logs, late, where):
-    """{name: this rank's value} -> {name: the mean over the ranks} and whether any rank's clock says a checkpoint is
-    due, in one all_reduce: the ranks stop together on a non-finite loss (the others would hang in the next
-    all-reduce), save together and log the mean over every rank's micro-batches."""
+    """{name: this rank's value} -> {name: the mean over the ranks}, and whether any rank's clock says a checkpoint is
+    due, in one all_reduce: the ranks stop together on a non-finite loss (the others would hang), save together."""
     values = torch.tensor([float(v) for v in logs.values()] + [late], dtype=torch.float64)
     if env.ddp:
         values = values.to(env.device)
         dist.all_reduce(values)
     if not torch.isfinite(values).all():
-        raise NonFiniteLoss(f"loss is {values[0].item()} at {where}. Try a lower --lr, --clip_grad 1.0 or --precision "
-                            "fp32")
+        raise FloatingPointError(f"loss is {values[0].item()} at {where}. Try a lower --lr, --clip_grad 1.0 or "
+                                 "--precision fp32")
     return dict(zip(logs, (values[:-1] / env.world_size).tolist())), bool(values[-1] > 0)
-
-
-def optimizer_step(args, env, model, optimizer):
-    """The accumulated gradients (unscaled, clipped to --clip_grad if given) make one AdamW step."""
-    if args.clip_grad:
-        env.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-    env.scaler.step(optimizer)
-    env.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def share_buffers(env, raw):
-    """Rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer broadcasts) on every rank: before
-    an evaluation and every node's checkpoint."""
-    for buffer in raw.buffers() if env.ddp else ():
-        dist.broadcast(buffer, 0)
-
-
-def training_step(env, loss_fn, optimizer):
-    """One optimizer step as train_one_epoch takes it (autocast, grad scaler), on whatever loss_fn() computes: the
-    unit that --bench times."""
-    def step():
-        with env.autocast():
-            loss = loss_fn()
-        env.scaler.scale(loss).backward()
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def bench_steps(step_fn, steps, clips_per_step):
-    """--bench: one warm-up call, then `steps` timed calls. -> dict(step_s (median), clips_per_s, peak_rss_mb and, on
-    CUDA, peak_gpu_mb). CUDA runs asynchronously: each timed call ends when the GPU is done."""
-    import resource
-    cuda = torch.cuda.is_available()
-    step_fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step_fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_s = sorted(times)[len(times) // 2]
-    return dict(step_s=round(step_s, 4), clips_per_s=round(clips_per_step / step_s, 4),
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)} if cuda else {}))
-
-
-# FLOP formulas (on shapes) for torch.utils.flop_counter, which does not know the CPU attention kernel: attention is 2
-# products of 2*N*M*d per head forward, 5 backward (grads of q, k, v, probabilities, recompute)
-FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *_, **__: 4 * math.prod(q) * k[-2],
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, *_, **__: 10 * math.prod(q) * k[-2]}
 
 
 # ---------------------------------------------------------------------- Devices: one path for a CPU, a GPU, torchrun
@@ -981,7 +938,6 @@ def add_training_flags(p, output_dir, blr=1.5e-4, min_lr=None, weight_decay=0.05
     p.add_argument("--save_every_minutes", type=float, default=15, help="... and every M minutes (0: off): a save "
                    "costs under 1%% of 15 minutes (docs/speed.md)")
     p.add_argument("--log_every", type=int, default=10, help="print a line every N steps")
-    p.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps on random clips and exit")
 
 
 def check_flags(p, args, rules):

@@ -7,7 +7,6 @@
     python pretrain_mae.py --mode image          # no --data_path: a demo on the synthetic set, a few minutes on a CPU
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -15,9 +14,9 @@ import sys
 import torch
 
 import data
-from model import (NUM_SAMPLE_HELP, ImageMAE, NonFiniteLoss, VideoMAE, add_training_flags, bench_steps, check_flags,
-                   check_trained_with, clips_per_video, fill_defaults, mask_ratio_rule, one_line, param_groups,
-                   read_checkpoint, resume, saved_args, scale_lr, setup_distributed, train_one_epoch, training_step)
+from model import (NUM_SAMPLE_HELP, ImageMAE, VideoMAE, add_training_flags, check_flags, check_trained_with,
+                   checkpoint_to_resume, fill_defaults, mask_ratio_rule, one_line, param_groups, read_checkpoint,
+                   saved_args, scale_lr, setup_distributed, train_epochs)
 
 # Flags left at None take these: the official recipe with a --data_path, a CPU-sized demo without one.
 OFFICIAL = dict(epochs=800, warmup_epochs=40, batch_size=32, input_size=224, num_frames=16, sampling_rate=4)
@@ -55,87 +54,62 @@ def get_args(argv=None):
     return args
 
 
+def build(args, env):
+    """What this stage trains, as main, tools/bench.py and tools/visualize.py build it: the MAE or VideoMAE and its
+    loss_fn(model, batch) -> (loss, {}). A VideoMAE keeps the position table it was trained with: resuming or showing
+    it with another is an error."""
+    previous = checkpoint_to_resume(args)
+    if args.mode == "video" and previous and os.path.exists(previous):  # a missing --resume: resume()'s error
+        check_trained_with(previous, saved_args(read_checkpoint(previous)), "pos_embed", args.pos_embed, "1d")
+    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
+    if args.mode == "video":
+        model = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
+                         decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,
+                         normalize_target=args.normlize_target, use_checkpoint=args.use_checkpoint, pos=args.pos_embed)
+    else:
+        model = ImageMAE(args.model, args.input_size, args.patch_size, decoder_dim=args.decoder_dim or 512,
+                         decoder_depth=8 if args.decoder_depth is None else args.decoder_depth,
+                         drop_path=args.drop_path, depth=args.depth, use_checkpoint=args.use_checkpoint)
+
+    def loss_fn(model, batch):  # clips and images come as uint8 and are normalized here, on the device
+        inputs = batch[args.mode].to(env.device, non_blocking=True)  # (B, 3, T, H, W) or (B, 3, H, W)
+        return model(data.normalize(inputs), mask=batch["mask"].to(env.device, non_blocking=True))[0], {}
+    return model.to(env.device), loss_fn
+
+
 def main(args):
     # 1. Devices and DDP
     env = setup_distributed(args)
-    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
-    video = args.mode == "video"
-    # 2. Model (a VideoMAE keeps the position table it was trained with: resuming or showing it with another is an error)
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    previous = args.resume or (last if args.auto_resume else None)
-    if video and previous and os.path.exists(previous):
-        check_trained_with(previous, saved_args(read_checkpoint(previous)), "pos_embed", args.pos_embed, "1d")
-    if video:
-        raw = VideoMAE(args.model, args.num_frames, args.input_size, args.patch_size, decoder_dim=args.decoder_dim,
-                       decoder_depth=args.decoder_depth, drop_path=args.drop_path, depth=args.depth,
-                       normalize_target=args.normlize_target, use_checkpoint=args.use_checkpoint, pos=args.pos_embed)
-    else:
-        raw = ImageMAE(args.model, args.input_size, args.patch_size, decoder_dim=args.decoder_dim or 512,
-                       decoder_depth=8 if args.decoder_depth is None else args.decoder_depth,
-                       drop_path=args.drop_path, depth=args.depth, use_checkpoint=args.use_checkpoint)
-    raw.to(env.device)
-    if args.bench:
-        return bench(args, env, raw)
-    # 3. Data: clips with a tube mask, or single frames / images with a random mask
+    # 2. Data: clips with a tube mask, or single frames / images with a random mask
     if args.data_path is None:
         data.use_synthetic_set(args, "all.csv")
     if env.is_main:  # one run at a time per folder (data.hold_folder): a second is refused here
         data.hold_folder(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
     common = dict(input_size=args.input_size, mask_ratio=args.mask_ratio, patch_size=args.patch_size,
                   num_sample=args.num_sample, seed=args.seed, output_dir=args.output_dir,
                   max_bad_videos=args.max_bad_videos, cache_videos=args.cache_videos)
-    if video:
+    if args.mode == "video":
         dataset = data.VideoDataset(args.data_path, args.data_root, mode="pretrain", num_frames=args.num_frames,
                                     sampling_rate=args.sampling_rate, mask_type=args.mask_type, **common)
     else:
         dataset = data.ImageDataset(args.data_path, args.data_root, **common)
     loader = data.make_loader(dataset, args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=args.num_workers, device_type=env.device.type)
+    # 3. Model
+    model, loss_fn = build(args, env)
     # 4. Optimizer: AdamW (0.9, 0.95), lr and min_lr scaled with the total batch, no decay on biases and norms (nor
     # on VideoMAE's mask_token; MAE's tokens decay)
     total = scale_lr(args, env)
-    groups = param_groups(raw, args.weight_decay, skip=("mask_token",) if video else ())
+    groups = param_groups(model, args.weight_decay, skip=("mask_token",) if args.mode == "video" else ())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
-    model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
-    if env.is_main:
-        print(f"{args.mode} MAE {args.model}: total batch {total} ({env.world_size} x {args.batch_size} x "
-              f"{args.update_freq}{clips_per_video(args)}), lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} "
-              "steps per epoch", flush=True)  # flushed before the loader's workers fork, or they print it again
-
-    def loss_fn(batch):  # clips and images come as uint8 and are normalized here, on the device
-        inputs = batch["video" if video else "image"].to(env.device, non_blocking=True)
-        return model(data.normalize(inputs), mask=batch["mask"].to(env.device, non_blocking=True))[0], {}
-
     # 5. Loop: a checkpoint every epoch and every --save_every_minutes inside one, written atomically
-    for epoch in range(start.epoch, args.epochs):
-        train_one_epoch(args, env, model, loader, optimizer, epoch, loss_fn, start)
-    if env.is_main:
-        print(f"done: teacher weights in {os.path.join(args.output_dir, 'checkpoint-last.pth')}")
-    return raw
-
-
-def bench(args, env, model):
-    """Training steps on random tensors: no data loading, one JSON line."""
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    B, S = args.batch_size, args.input_size
-    if args.mode == "video":
-        inputs = torch.randn(B, 3, args.num_frames, S, S, device=env.device)
-        mask = data.tube_mask(data.mask_grid(model.encoder.grid, args.mask_type), args.mask_ratio)
-        kwargs = dict(mask=mask[None].expand(B, -1).to(env.device))
-    else:
-        inputs, kwargs = torch.randn(B, 3, S, S, device=env.device), dict(mask_ratio=args.mask_ratio)
-
-    step = training_step(env, lambda: model(inputs, **kwargs)[0], optimizer)
-
-    print(json.dumps({"mode": args.mode, "model": args.model, "precision": args.precision, "batch_size": B,
-                      **bench_steps(step, args.bench, B)}))
+    return train_epochs(args, env, model, optimizer, loader, loss_fn, f"{args.mode} MAE {args.model}: {total}",
+                        "teacher weights")
 
 
 if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (ValueError, NonFiniteLoss, data.TooManyBadVideos, OSError) as e:  # OSError: a full disk (one_line)
+    except (ValueError, FloatingPointError, data.TooManyBadVideos, OSError) as e:  # a non-finite loss, a full disk
         sys.exit(f"pretrain_mae.py: error: {one_line(e, args.output_dir)}")

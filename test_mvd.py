@@ -45,6 +45,7 @@ import finetune  # noqa: E402
 import model as M  # noqa: E402
 import pretrain_mae  # noqa: E402
 sys.path.insert(1, os.path.join(HERE, "tools"))  # the operations' scripts, which import the core
+import bench as tools_bench  # noqa: E402
 import bench_loader  # noqa: E402
 import export_hf  # noqa: E402
 import prepare as tools_prepare  # noqa: E402
@@ -344,7 +345,7 @@ class TestPrecision(unittest.TestCase):
     def test_flop_formulas_of_the_attention_kernel_the_counter_does_not_know(self):
         from torch.utils.flop_counter import FlopCounterMode
         q, k, v = (torch.randn(2, 3, 50, 16, requires_grad=True) for _ in range(3))
-        with FlopCounterMode(display=False, custom_mapping=M.FLOP_FORMULAS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=tools_bench.FLOP_FORMULAS) as counter:
             F.scaled_dot_product_attention(q, k, v).sum().backward()
         self.assertEqual(counter.get_total_flops(), 14 * 2 * 3 * 50 * 50 * 16)  # 2 products forward, 5 backward
 
@@ -2966,7 +2967,7 @@ class TestSuiteGaps(TinyStages):
             loader = data.make_loader(Numbers(3), 1, num_workers=0)
             masks, start = {}, SimpleNamespace(epoch=0, step=0, sums={}, count=0)
 
-            def loss_fn(batch):
+            def loss_fn(model, batch):
                 masks.setdefault(int(batch["epoch"][0]), []).append(
                     M.DropPath(0.5).train()(torch.ones(16, 1)).flatten() > 0)
                 return layer(torch.ones(1)).sum(), {}
@@ -3335,21 +3336,22 @@ def killed_and_restarted(run, kills, finish=True):
 
 
 def fixed_batch_loop(stage, steps, record):
-    """Replace the stage's train_one_epoch by `steps` optimizer steps on its loader's first batch, through the stage's
-    own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before backward."""
+    """Replace model.train_one_epoch, for a run of `stage`, by `steps` optimizer steps on its loader's first batch,
+    through the stage's own loss_fn, model and optimizer; record(i, loss, logs, batch, model) sees each step before
+    backward."""
 
     def loop(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
         batch = next(iter(loader))
         model.train()
         for i in range(steps):
-            loss, logs = loss_fn(batch)
+            loss, logs = loss_fn(model, batch)
             record(i, loss, logs, batch, model)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item()}
 
-    return mock.patch.object(stage, "train_one_epoch", loop)
+    return mock.patch.object(M, "train_one_epoch", loop)
 
 
 # ----------------------------------------------------------------------------- independent normalized-pixel targets
@@ -3614,7 +3616,7 @@ class TestPretrainMAE(unittest.TestCase):
             loss, pred = real(self_, video, mask)
             return (loss * float("nan") if len(calls) == 3 else loss), pred
 
-        with mock.patch.object(M.VideoMAE, "forward", nan_at_third_call), self.assertRaises(M.NonFiniteLoss) as caught:
+        with mock.patch.object(M.VideoMAE, "forward", nan_at_third_call), self.assertRaises(FloatingPointError) as caught:
             run_stage(pretrain_mae, self.options("nan", epochs=2, lr=1e-3))
         message = str(caught.exception)
         self.assertRegex(message, r"epoch 1\b.*step 2\b")
@@ -3657,9 +3659,20 @@ class TestPretrainMAE(unittest.TestCase):
         self.assertEqual((pretrain_mae.get_args(["--mode", "image"]).min_lr, distill.get_args([]).min_lr), (0.0, 1e-5))
 
     def test_decoder_width_not_divisible_by_heads_is_one_clear_error(self):
-        with self.assertRaisesRegex(ValueError, "not divisible by 3 heads"):
-            pretrain_mae.main(pretrain_mae.get_args(["--model", "vit_tiny", "--depth", "1", "--decoder_dim", "128",
-                                                     "--bench", "1"]))
+        with self.assertRaisesRegex(ValueError, "not divisible by 3 heads"), contextlib.redirect_stdout(io.StringIO()):
+            tools_bench.main(*tools_bench.get_args(["pretrain_mae.py", "--bench", "1", "--model", "vit_tiny", "--depth",
+                                                    "1", "--decoder_dim", "128"]))
+
+    def test_bench_prints_one_json_line_in_either_mode(self):
+        """tools/bench.py pretrain_mae.py: the steps of the stage's own model and loss on random clips or images."""
+        for mode in ("video", "image"):
+            result, printed = run_bench("pretrain_mae.py", self.options(f"bench_{mode}", mode=mode, batch_size=2), 2)
+            self.assertEqual(json_lines(printed), [result])
+            self.assertEqual((result["mode"], result["batch_size"]), (mode, 2))
+            for key in ("step_s", "clips_per_s", "peak_rss_mb", "matmul_gflops", "checkpoint_s", "checkpoint_gb"):
+                self.assertGreater(result[key], 0, key)
+            self.assertAlmostEqual(result["clips_per_s"], 2 / result["step_s"], delta=0.02 * result["clips_per_s"])
+            self.assertEqual(os.listdir(os.path.join(self.tmp, f"bench_{mode}")), [])  # its timed checkpoint removed
 
     def test_bad_input_size_is_an_argparse_error(self):
         for stage in (pretrain_mae, distill):
@@ -4041,11 +4054,10 @@ class TestDistill(unittest.TestCase):
         self.assertEqual((state["epoch"], optimizer_steps(state)), (2, 12.0))
 
     def test_bench_prints_one_json_line(self):
-        opts = self.options("bench", bench=2, batch_size=2, input_size=64, num_frames=8, decoder_depth=2)
-        _, printed = run_stage(distill, opts)
-        lines = [line for line in printed.splitlines() if line.startswith("{")]
-        self.assertEqual(len(lines), 1, printed)
-        result = json.loads(lines[0])
+        opts = self.options("bench", batch_size=2, input_size=64, num_frames=8, decoder_depth=2)
+        result, printed = run_bench("distill.py", opts, 2)
+        self.assertEqual(json_lines(printed), [result])
+        self.assertEqual(result["teachers"], {"img": "ImageMAE", "vid": "VideoMAE"})
         keys = ("step_s", "clips_per_s", "peak_rss_mb", "gflop_per_clip", "achieved_gflops", "matmul_gflops",
                 "checkpoint_s", "checkpoint_gb")
         for key in keys:
@@ -4228,14 +4240,14 @@ class TestFinetune(unittest.TestCase):
 
     def test_layer_decay_groups_of_the_optimizer(self):
         depth, decay, captured = 3, 0.75, {}
-        real = finetune.train_one_epoch
+        real = M.train_one_epoch
 
         def one_epoch_then_stop(args, env, model, loader, optimizer, epoch, loss_fn, start, evaluate=None):
             real(args, env, model, loader, optimizer, epoch, loss_fn, start)
             captured.update(model=model, optimizer=optimizer)
             raise FtStop
 
-        with mock.patch.object(finetune, "train_one_epoch", one_epoch_then_stop), self.assertRaises(FtStop):
+        with mock.patch.object(M, "train_one_epoch", one_epoch_then_stop), self.assertRaises(FtStop):
             # one step (8 videos, batch 8): its lr is the base lr 0.032 * 8 / 256 = 1e-3 times the layer's scale
             run_finetune(self.options("decay", depth=depth, blr=0.032, batch_size=8))
         model, optimizer = captured["model"], captured["optimizer"]
@@ -4475,8 +4487,8 @@ class TestFinetune(unittest.TestCase):
         self.assertGreater(np.abs(feats[0] - feats[1]).max(), 1e-3)  # different videos, different rows
 
     def test_bench_prints_one_json_line(self):
-        _, printed = run_finetune(self.options("bench", bench=2, batch_size=2, num_sample=2))
-        (result,) = json_lines(printed)
+        result, printed = run_bench("finetune.py", self.options("bench", batch_size=2, num_sample=2), 2)
+        self.assertEqual(json_lines(printed), [result])
         for key in ("step_s", "clips_per_s", "peak_rss_mb"):
             self.assertGreater(result[key], 0, key)
         self.assertAlmostEqual(result["clips_per_s"], 4 / result["step_s"], delta=0.02 * result["clips_per_s"])
@@ -4920,6 +4932,7 @@ MARKDOWN = ["README.md", os.path.join("experiments", "README.md")] + sorted(
     os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs")) if name.endswith(".md"))
 STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
 SCRIPTS = ["data.py", "tools/prepare.py", "tools/bench_loader.py"]  # their parsers are built under __main__
+STAGE_TOOLS = {"tools/visualize.py": tools_visualize, "tools/bench.py": tools_bench}  # STAGE.py, their flags, its flags
 
 
 def read_doc(name):
@@ -4929,7 +4942,7 @@ def read_doc(name):
 
 def help_text(script):
     """What `python script --help` prints: every flag the script takes (SCRIPTS build their parsers under __main__;
-    tools/visualize.py takes its own flags and then the stage's, whose help is the stage's)."""
+    tools/visualize.py and tools/bench.py take their own flags and then the stage's, whose help is the stage's)."""
     if script in STAGES:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):  # argparse's --help exits
@@ -5002,11 +5015,11 @@ class TestDocs(unittest.TestCase):
                             STAGES[script].get_args(args)
                         except SystemExit:
                             wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
-                elif script == "tools/visualize.py":  # its own flags, then the stage's, parsed by the stage
+                elif script in STAGE_TOOLS:  # its own flags, then the stage's, parsed by the stage
                     err = io.StringIO()
                     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
                         try:
-                            tools_visualize.get_args(args)
+                            STAGE_TOOLS[script].get_args(args)
                         except SystemExit:
                             wrong.append(f"{where}: {err.getvalue().strip().splitlines()[-1]}")
                 elif script in helps:
@@ -5017,12 +5030,12 @@ class TestDocs(unittest.TestCase):
                               if not hasattr(sys.modules[__name__], test.split(".")[0])]
         self.assertEqual(wrong, [])
         self.assertLessEqual({"pretrain_mae.py", "distill.py", "finetune.py", *SCRIPTS[1:], "test_mvd.py",
-                              "experiments/coteaching.sh", "experiments/report.py", "tools/visualize.py"}, seen)
+                              "experiments/coteaching.sh", "experiments/report.py", *STAGE_TOOLS}, seen)
 
     def test_flags_and_code_names_exist(self):
         """Every --flag the docs name is a flag of a stage, of SCRIPTS or of torchrun, and every `module.name` in
         backticks (the code-reading guide) is a function, class or method of that module."""
-        known = "".join(help_text(script) for script in [*STAGES, *SCRIPTS, "tools/visualize.py"])
+        known = "".join(help_text(script) for script in [*STAGES, *SCRIPTS, *STAGE_TOOLS])
         known += " --nproc_per_node --max-restarts --nnodes --node_rank --master_addr"
         modules = {"model": M, "data": data, **{s[:-3]: m for s, m in STAGES.items()}}
         unknown, names = [], 0
@@ -5142,6 +5155,14 @@ class TestCuda(unittest.TestCase):
 
 
 # ========================================================================================================== visualize
+
+
+def run_bench(script, options, steps):
+    """python tools/bench.py SCRIPT --bench STEPS OPTIONS in this process. -> (its JSON line as a dict, printed text)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = tools_bench.main(*tools_bench.get_args([script, "--bench", str(steps), *flags(options)]))
+    return result, out.getvalue()
 
 
 def run_visualize(script, options):
@@ -5390,7 +5411,7 @@ class TestVisualize(unittest.TestCase):
         for stage, options in stages.items():
             script = f"{stage.__name__}.py"
             with mock.patch.object(stage, "main", side_effect=AssertionError("ran the stage")), \
-                    mock.patch.object(stage, "train_one_epoch", side_effect=AssertionError("trained")), \
+                    mock.patch.object(M, "train_one_epoch", side_effect=AssertionError("trained")), \
                     mock.patch.object(M, "save_training_state", side_effect=AssertionError("saved")), \
                     mock.patch.object(M, "save_checkpoint", side_effect=AssertionError("saved")):
                 pictures, _ = run_visualize(script, options)

@@ -3,7 +3,7 @@
 For each of the list's first N videos a PNG in OUTPUT_DIR/visualize/, from the stage's checkpoint (--resume, else
 OUTPUT_DIR/checkpoint-last.pth; finetune.py: --finetune first). It never trains and never writes a checkpoint. The
 stage's flags mean what they mean to the stage (its own get_args parses them: python STAGE.py --help), and the models
-are built as the stage builds them (its model classes, distill.build_teacher, finetune.load_pretrained).
+are the stage's own (STAGE.build, then the checkpoint: finetune.load_pretrained for finetune.py).
 
     pretrain_mae.py  every 2nd frame of the clip, the same frames with the hidden patches grey, the reconstruction
     distill.py       the visible tubes; for each teacher its features, the student's predictions, their cosine
@@ -27,8 +27,8 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import finetune  # noqa: E402
 import pretrain_mae  # noqa: E402
-from model import (ImageMAE, MVDStudent, VideoClassifier, VideoMAE, check_trained_with, load_checkpoint,  # noqa: E402
-                   patchify, read_checkpoint, saved_args, setup_distributed, to_pixels)
+from model import (check_trained_with, load_checkpoint, patchify, read_checkpoint, saved_args,  # noqa: E402
+                   setup_distributed, to_pixels)
 
 STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
 
@@ -74,15 +74,10 @@ def teacher_pictures(args, env, checkpoint):
     if os.path.isdir(args.data_path):
         raise ValueError("--visualize shows clips: give a video list as --data_path, not an image folder")
     video, p, pictures = args.mode == "video", args.patch_size, []
-    if video:  # built as pretrain_mae.main builds it, with the position table it was trained with
+    if video:  # the position table it was trained with (pretrain_mae.build checks the one it would resume)
         check_trained_with(checkpoint, saved_args(read_checkpoint(checkpoint)), "pos_embed", args.pos_embed, "1d")
-        model = VideoMAE(args.model, args.num_frames, args.input_size, p, decoder_dim=args.decoder_dim,
-                         decoder_depth=args.decoder_depth, depth=args.depth, normalize_target=args.normlize_target,
-                         pos=args.pos_embed)
-    else:
-        model = ImageMAE(args.model, args.input_size, p, decoder_dim=args.decoder_dim or 512,
-                         decoder_depth=8 if args.decoder_depth is None else args.decoder_depth, depth=args.depth)
-    load_checkpoint(model.to(env.device), checkpoint)
+    model, _ = pretrain_mae.build(args, env)
+    load_checkpoint(model, checkpoint)
     paths, clips = first_clips(args.data_path, args.data_root, args.visualize, args.num_frames, args.sampling_rate,
                                args.input_size)
     for i, clip in enumerate(clips.to(env.device)):
@@ -125,14 +120,7 @@ def student_pictures(args, env, checkpoint):
     teacher its features on the whole clip, the student's predictions at the masked tubes (the teacher's own features
     at the visible ones) and the cosine of prediction and target per tube. Features are drawn as colours: the top 3
     principal components of the teacher's tokens on these N videos, one basis per teacher."""
-    weights = {"img": args.image_teacher_loss_weight, "vid": args.video_teacher_loss_weight}
-    teachers = {name: distill.build_teacher(kind, args, env.device, env.dtype)
-                for name, kind in (("img", "image"), ("vid", "video")) if weights[name] > 0}
-    student = MVDStudent(args.model, args.num_frames, args.input_size, args.decoder_depth, patch_size=args.patch_size,
-                         img_teacher_dim=teachers["img"].dim if "img" in teachers else 0,
-                         vid_teacher_dim=teachers["vid"].encoder.dim if "vid" in teachers else 0,
-                         decoder_dim=args.feat_decoder_embed_dim, decoder_heads=args.feat_decoder_num_heads,
-                         depth=args.depth).to(env.device)  # as distill.main builds it
+    student, _, teachers = distill.build(args, env)
     load_checkpoint(student, checkpoint)
     paths, video = first_clips(args.data_path, args.data_root, args.visualize, args.num_frames, args.sampling_rate,
                                args.input_size)  # (n, 3, T, S, S)
@@ -172,11 +160,8 @@ def encoder_pictures(args, env, checkpoint):
     components of its tokens on these N videos. Run it for two encoders on the same list to compare them."""
     list_path = os.path.join(args.data_path, "val.csv") if os.path.isdir(args.data_path) else args.data_path
     nb_classes = args.nb_classes or 1 + max(label for _, label in data.read_list(list_path))  # as finetune.main
-    model = VideoClassifier(args.model, nb_classes, args.num_frames, args.input_size, args.patch_size,
-                            pos=args.pos_embed, depth=args.depth)
-    if args.linear_probe:  # the head finetune.main builds for a linear probe, so that its checkpoint loads whole
-        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.dim, affine=False, eps=1e-6), model.head)
-    finetune.load_pretrained(model.to(env.device), checkpoint, args.pos_embed)
+    model, _ = finetune.build(args, env, nb_classes, checkpoint)  # a linear probe's head too: its checkpoint loads
+    finetune.load_pretrained(model, checkpoint, args.pos_embed)
     paths, video = first_clips(list_path, args.data_root, args.visualize, args.num_frames, args.sampling_rate,
                                args.input_size, "segment" if args.data_set == "SSV2" else "dense")
     tokens = model.eval().forward_features(video.to(env.device)).float().cpu()  # (n, N, D)
