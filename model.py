@@ -724,8 +724,10 @@ def save_training_state(args, env, model, optimizer, epoch, progress=None):
     save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), **state)
 
 
-def share_buffers(env, raw):  # rank 0's buffers (a linear probe's BatchNorm statistics, which DDP no longer
-    for buffer in raw.buffers() if env.ddp else ():  # broadcasts) on every rank: before an evaluation, a checkpoint
+def share_buffers(env, raw):
+    """Rank 0's buffers on every rank (a linear probe's BatchNorm statistics, which DDP no longer broadcasts): before
+    an evaluation and every node's checkpoint."""
+    for buffer in raw.buffers() if env.ddp else ():
         dist.broadcast(buffer, 0)
 
 
