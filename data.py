@@ -1,5 +1,5 @@
 """From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders and a synthetic set
-(preparing a data set and the loader's benchmark: tools/prepare.py, tools/bench_loader.py).
+(command lines that write it, prepare a data set or time the loader: tools/synthetic.py, prepare.py, bench_loader.py).
 
 Conventions (see SPEC.md):
   a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front. Pretraining
@@ -11,7 +11,6 @@ Every random choice of a sample (clip start, crop, RandAugment draw, mask, repla
 RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
 samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
 """
-import argparse
 import fcntl
 import fractions
 import functools
@@ -454,8 +453,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also queue a
-            # seed for every GPU backend, which formats a stack trace each time (0.2 ms, a quarter of a tiny clip)
+        with torch.random.fork_rng(devices=[]):  # CPU only: manual_seed's GPU seeding formats a stack trace (slow)
             torch.default_generator.manual_seed(
                 int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0]))
             return self.get(index)
@@ -743,6 +741,9 @@ def use_synthetic_set(args, list_name):
 
 
 # ---------------------------------------------------------------------------------------- writing files safely
+_HELD = {}  # hold_folder's lock files -> their open handles, kept for the life of the process
+
+
 def _write_atomically(path, text):
     """Write a small file whole or not at all: a temporary name unique to this process, synced, then renamed."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -751,9 +752,6 @@ def _write_atomically(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-_HELD = {}  # lock file -> its open handle, kept for the life of the process
 
 
 def hold_folder(folder, flag="--output_dir"):
@@ -777,18 +775,6 @@ def hold_folder(folder, flag="--output_dir"):
         raise ValueError(f"{folder} is being written by another run ({holder}): wait for it to end, or give "
                          f"another {flag}") from None
     handle.truncate(0)
-    handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
-    handle.flush()
+    print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=handle, flush=True)
     _HELD[path] = handle
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Writes the synthetic set, the stages' demo data. Preparing a data set "
-                                     "and the loader's benchmark: tools/prepare.py, tools/bench_loader.py.")
-    parser.add_argument("--synthetic", metavar="ROOT", required=True, help="write the synthetic set to ROOT")
-    parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
-    parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
-    parser.add_argument("--synthetic_val", type=float, default=0.25, help="fraction of them held out in val.csv")
-    args = parser.parse_args()
-    print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
-                                        val_fraction=args.synthetic_val)))
