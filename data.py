@@ -634,7 +634,8 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
     Beta(alpha, alpha), each clip mixed with the batch reversed (torchvision's roll by one would mix every second clip
     with the other view of its own video at --num_sample 2), soft targets with label smoothing. Uses the global RNG
     (train_one_epoch seeds it per step). CutMix: timm's box, lam corrected by its clipped area, one H x W box in every
-    frame (the official's box cuts frames and rows of its (B, C, T, H, W) clips: docs/details.md)."""
+    frame. The official's box, drawn for (H, W) of (B, C, T, H, W) clips, cuts frames and rows: in most of its draws no
+    pixel moves, yet the labels mix (docs/details.md)."""
     def apply(video, labels):
         """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
         targets = F.one_hot(labels, num_classes).float()
