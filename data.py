@@ -94,15 +94,12 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     for packet, skip in _packets_to_decode(container.demux(stream), origin, ticks, wanted, skipped):
         stream.codec_context.skip_frame = skip  # set before the decoder's threads see the packet
         for frame in packet.decode():
-            if by_pts:
-                i = None if frame.pts is None else round((frame.pts - origin) / ticks)
-                # Gaps are expected before the first needed frame (the seek); from there on the only frames
-                # missing may be those skipped on purpose, or timestamps do not count frames (variable rate).
-                if i is None or i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
-                    return None
-                index = i
-            else:
-                index += 1
+            # By pts, gaps are expected before the first needed frame (the seek); from there on the only frames missing
+            # may be those skipped on purpose, or timestamps do not count frames (variable rate).
+            i = (None if frame.pts is None else round((frame.pts - origin) / ticks)) if by_pts else index + 1
+            if by_pts and (i is None or i <= index or any(j not in skipped for j in range(max(index + 1, first), i))):
+                return None
+            index = i
             if index in wanted or convert_all:
                 out[index] = rgb(frame).to_ndarray()
             if index >= last and not convert_all:
@@ -329,11 +326,9 @@ def _mean_std_255(device):  # made once per device: a new tensor on a GPU would 
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
-    """(top, left, crop_h, crop_w) as the official GroupMultiScaleCrop (VideoMAE/MVD pretraining, fix_crop).
-
-    Crop sides are fractions of the short side (snapped to `size` when within 2 px), height and width at most one
-    scale step apart; the offset is one of 13 fixed points (corners, centre, edge centres, quarter points).
-    """
+    """(top, left, crop_h, crop_w) as the official GroupMultiScaleCrop (VideoMAE/MVD pretraining, fix_crop): crop sides
+    are fractions of the short side (snapped to `size` when within 2 px), height and width at most one scale step
+    apart; the offset is one of 13 fixed points (corners, centre, edge centres, quarter points)."""
     sides = [int(min(height, width) * s) for s in scales]
     sides = [size if abs(s - size) < 3 else s for s in sides]
     pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
@@ -418,9 +413,8 @@ class EraseClip(v2.RandomErasing):
 def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08):
     """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames:
     RandAugment(num_ops, magnitude, std), a random-resized crop without antialiasing (the official interpolates
-    bilinearly), flip, erasing. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing
-    augmentation. crop_scale is the smallest area fraction of the crop (official 0.08; larger keeps tiny frames
-    recognisable)."""
+    bilinearly), flip, erasing; rand_augment=None and erase_prob=0 leave MAE's linear-probing crop and flip. crop_scale:
+    the crop's smallest area fraction (official 0.08; larger keeps tiny frames recognisable)."""
     return v2.Compose([
         *([RandAugment(*rand_augment)] if rand_augment else []),
         v2.ToDtype(torch.float32, scale=True),
@@ -597,10 +591,9 @@ class ImageDataset(SeededDataset):
 
 # ------------------------------------------------------------------------------------------- loaders and mixing
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (order from seed + epoch, rank r takes every world_size-th index) yielding (index, epoch),
-    so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch; set_epoch(epoch, skip)
-    leaves out this rank's first `skip` indices, so that a run resumed mid-epoch never reads them (the DataLoader
-    iterates the sampler in the main process, also with persistent workers: it takes effect at the next iter())."""
+    """DistributedSampler yielding (index, epoch), so that a sample's augmentation can depend on the epoch.
+    set_epoch(epoch, skip) leaves out this rank's first `skip` indices, so that a run resumed mid-epoch never reads
+    them (the DataLoader iterates the sampler in the main process, even with persistent workers: from the next iter)."""
     skip = 0
 
     def set_epoch(self, epoch, skip=0):
@@ -613,12 +606,10 @@ class EpochSampler(DistributedSampler):
 
 def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,
                 device_type="cpu"):
-    """Batches of `dataset` for one rank: batch_size items, each a sample or a list of samples of one video (every
-    one goes into the batch, video by video, as the official collate of repeated samples). Without drop_last,
-    DistributedSampler pads the ranks to equal length by repeating a few items: evaluation should count each
-    (index, view) once. Call loader.sampler.set_epoch(epoch)."""
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                           drop_last=drop_last)
+    """Batches of `dataset` for one rank: batch_size items, each a sample or a list of one video's samples, all of them
+    in the batch (the official collate of repeated samples). Without drop_last, DistributedSampler pads the ranks to
+    equal length with repeated items: evaluation counts each (index, view) once. Each epoch: sampler.set_epoch(epoch)."""
+    sampler = EpochSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
@@ -656,7 +647,6 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
             targets = lam * targets + (1 - lam) * targets.flip(0)
         # smoothing commutes with mixing: (1 - e) * mixed one-hot + e / K is what timm computes
         return video, targets * (1 - label_smoothing) + label_smoothing / num_classes
-
     return apply
 
 
