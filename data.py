@@ -608,7 +608,7 @@ def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=Tr
                 device_type="cpu"):
     """Batches of `dataset` for one rank: batch_size items, each a sample or a list of one video's samples, all of them
     in the batch (the official collate of repeated samples). Without drop_last, DistributedSampler pads the ranks to
-    equal length with repeated items: evaluation counts each (index, view) once. Each epoch: sampler.set_epoch(epoch)."""
+    equal length with repeated items: evaluation counts each (index, view) once. Every epoch: set_epoch(epoch)."""
     sampler = EpochSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
