@@ -39,9 +39,8 @@ UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 # ----------------------------------------------------------------------------------------------- reading and writing
 def read_frames(path, indices, decode_all=False):
     """uint8 (len(indices), H, W, 3): the frames at 0-based `indices` in display order (repeats allowed; past the end:
-    the last frame), exactly what a full decode gives there, decoding only what the clip needs (see _decode).
-    `indices` may be a function of the frame count returning them (one file open instead of two). decode_all=True is
-    the slow reference (decode and convert everything, then index), for tests and the benchmark."""
+    the last frame), exactly as a full decode, decoding only what they need (_decode). `indices` may be a function of
+    the frame count (one file open, not two). decode_all=True: the slow reference (decode, convert all, then index)."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         if callable(indices):
@@ -83,12 +82,10 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     if by_pts and origin is None:
         return None
     ticks = 1 / float(stream.average_rate * stream.time_base) if by_pts else None  # pts ticks per frame
-    if by_pts:  # a backward seek lands on the last keyframe at or before the target: aim a few frames early, as some
-        # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown
+    if by_pts:  # to the keyframe before, aiming 4 frames early: AVI indexes a keyframe at its decoding time (B-frames)
         container.seek(origin + int(max(first - 4, 0) * ticks), stream=stream)
-    # One converter for the clip: frame.to_ndarray(format="rgb24") builds a swscale context for every frame (costlier
-    # than decoding). On one thread: PyAV 17+ converts on every core, slower for frames this small, and a loader
-    # worker per core must not start a thread per core.
+    # One converter for the clip (frame.to_ndarray makes a swscale context a frame, costlier than decoding), on one
+    # thread (PyAV 17+ converts on every core: slower for frames this small, and a worker per core must not fan out).
     rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24", threads=1)
     out, previous, index, skipped = {}, None, -1, set()
     for packet, skip in _packets_to_decode(container.demux(stream), origin, ticks, wanted, skipped):
@@ -431,10 +428,9 @@ class TooManyBadVideos(RuntimeError):
 
 
 class SeededDataset(Dataset):
-    """Base of both datasets: items indexed by (index, epoch), each computed in a forked RNG seeded by (seed, epoch,
-    index) only (the caller's RNG untouched, nothing depending on the worker or rank), and unreadable files: each is
-    printed once, appended to output_dir/bad_videos.txt (the count the workers share) and replaced by another draw;
-    past max_bad_videos, TooManyBadVideos stops the run."""
+    """Items indexed by (index, epoch), each computed in a forked RNG seeded by (seed, epoch, index) alone (the caller's
+    RNG untouched, nothing from the worker or rank). An unreadable file is printed once, appended to
+    output_dir/bad_videos.txt (the count the workers share) and replaced by another draw; past max_bad_videos, stop."""
 
     def __init__(self, items, seed, output_dir, max_bad_videos, cache_videos=False):
         if not items:
@@ -746,10 +742,9 @@ def _write_atomically(path, text):
 
 
 def hold_folder(folder, flag="--output_dir"):
-    """One run at a time writes `folder`: a POSIX record lock on folder/.lock, taken without waiting. The OS drops it
-    when the process dies, however it dies (never a stale lock), and forked workers do not inherit it (unlike flock),
-    so a killed run's orphaned workers never keep a rerun out. Taken again in the same process, it is already held.
-    One clear error where another live process holds it, or where `folder` is a file."""
+    """One run at a time writes `folder`: a POSIX record lock on folder/.lock, taken without waiting (again in this
+    process: already held). The OS drops it when the process dies, however it dies (never a stale lock), and forked
+    workers do not inherit it (unlike flock), so a killed run's orphaned workers never keep a rerun out."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder")
     os.makedirs(folder, exist_ok=True)
