@@ -665,11 +665,10 @@ def render_video(rng, height, width, num_frames, appearance, motion, background_
     dark_object = rng.random() < 0.5
     low, high = (rng.integers(166, 216, 3) if dark_object else rng.integers(40, 90, 3)) + np.array([[-20], [20]])
     background = field[..., None] * low + (1 - field[..., None]) * high
-    # object: disk or square of equal area, striped or checkered with a random period and phase, its two
-    # colours 100 apart around a base far from the background's
+    # object: disk or square of equal area (drawn at random: a nuisance, not a label), striped or checkered with a
+    # random period and phase, its two colours 100 apart around a base far from the background's
     radius = min(height, width) * rng.uniform(0.28, 0.36)
-    is_disk = rng.random() < 0.5  # disk or square, drawn at random: a nuisance, not a label
-    inside = (x ** 2 + y ** 2 <= radius ** 2) if is_disk else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
+    inside = (x ** 2 + y ** 2 <= radius ** 2) if rng.random() < 0.5 else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
     period, phase = max(3, round(rng.integers(6, 9) * scale)), rng.integers(0, 9)
     bits = [(y + phase) // period, (x + phase) // period, (x + y + phase) // period,
             (y + phase) // period + (x + phase) // period][appearance]
@@ -682,9 +681,7 @@ def render_video(rng, height, width, num_frames, appearance, motion, background_
         shift = start + t * speed * step
         frame = np.where(np.roll(inside, shift, (0, 1))[..., None], np.roll(pattern, shift, (0, 1)),
                          np.roll(background, t * np.array(background_step), (0, 1)))
-        if noise:
-            frame = frame + rng.normal(0, noise, frame.shape)
-        frames[t] = frame.clip(0, 255)
+        frames[t] = (frame + rng.normal(0, noise, frame.shape) if noise else frame).clip(0, 255)
     return frames
 
 
