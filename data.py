@@ -309,17 +309,15 @@ def random_mask(num_patches, mask_ratio, generator=None):
 
 # ---------------------------------------------------------------------------------------------------- transforms
 def normalize(x, channel_dim=1):
-    """uint8 -> float, ImageNet-normalized along `channel_dim`: (x / 255 - mean) / std, on x's device, in place.
-    Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a GPU for free,
-    and a quarter of the bytes travel from the loader's workers."""
-    shape = (3,) + (1,) * (x.ndim - channel_dim % x.ndim - 1)
-    mean, std = (v.view(shape) for v in _mean_std_255(x.device))
+    """uint8 -> float (x / 255 - mean) / std along `channel_dim`, on x's device, in place: pretraining batches travel
+    from the loader's workers as uint8 (B, 3, [T,] H, W), a quarter of the bytes, and are normalized on its device."""
+    mean, std = _mean_std_255(x.device, x.ndim - channel_dim % x.ndim - 1)
     return x.float().sub_(mean).div_(std)
 
 
 @functools.cache
-def _mean_std_255(device):  # made once per device: a new tensor on a GPU would wait for a copy at every step
-    return tuple(255 * torch.tensor(v, device=device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+def _mean_std_255(device, trailing):  # once per device and layout: a new GPU tensor would wait for a copy every step
+    return tuple(255 * torch.tensor(v, device=device).view(3, *[1] * trailing) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
