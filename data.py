@@ -252,10 +252,9 @@ def clip_indices(n, num_frames, sampling_rate, num_clips=1):
 
 def finetune_indices(n, num_frames, sampling_rate, sampling="dense"):
     """Fine-tuning: frame indices of one random clip of an n-frame video, the official loaders' formulas (kinetics.py,
-    ssv2.py). dense: a window of num_frames * sampling_rate frames ending at a random frame, num_frames frames
-    np.linspace'd over it (16 over 64: offsets 0, 4, 8, 12, 17, ..., 59, 63); a video no longer than the window spreads
-    n // sampling_rate frames over all of it and repeats its last frame. segment (SSv2): num_frames inclusive,
-    overlapping segments [round(d i), round(d (i + 1))], d = (n - 1) / num_frames, one random frame each."""
+    ssv2.py). dense: num_frames frames np.linspace'd over a window of num_frames * sampling_rate frames ending at a
+    random frame (16 over 64: offsets 0, 4, 8, 12, 17, ..., 59, 63), or over a shorter video, its last frame repeated.
+    segment (SSv2): one random frame in each of num_frames inclusive, overlapping segments."""
     if sampling == "segment":
         d = (n - 1) / num_frames
         return [int(torch.randint(round(d * i), round(d * (i + 1)) + 1, ())) for i in range(num_frames)]
@@ -270,10 +269,9 @@ def finetune_indices(n, num_frames, sampling_rate, sampling="dense"):
 
 def view_indices(n, num_frames, sampling_rate, sampling, view, num_views):
     """Testing: frame indices of view `view` of `num_views` of an n-frame video, the official test loaders' formulas.
-    dense: the frames 0, r, 2r, ... (the last repeated up to num_frames) and num_views windows of num_frames of them
-    evenly spaced; sampling_rate 0 (the single-frame baseline): one frame, views evenly spaced over the video.
-    segment (SSv2): the segments of length d = (n - 1) / num_frames cut into num_views parts; view k takes the middle
-    of part k of every segment (2 views: the middles of the two halves)."""
+    dense: num_views evenly spaced windows of num_frames of the frames 0, r, 2r, ... (the last repeated); sampling_rate
+    0 (the single-frame baseline): one frame, views evenly spaced. segment (SSv2): the segments cut into num_views
+    parts, view k taking the middle of part k of every segment (2 views: the middles of the two halves)."""
     if sampling == "segment":
         d = (n - 1) / num_frames
         part = d / num_views
@@ -389,9 +387,8 @@ class RandAugment:
 
     def __call__(self, frames):  # uint8 (T, 3, H, W) -> the same, a tv_tensors.Video stays one
         x, ops = frames.as_subclass(torch.Tensor), list(RAND_AUGMENT_OPS.values())
-        for i in torch.randint(len(ops), (self.num_ops,)).tolist():
+        for op, level in [ops[i] for i in torch.randint(len(ops), (self.num_ops,)).tolist()]:
             if torch.rand(()) < 0.5:
-                op, level = ops[i]
                 x = op(x, level(min(10.0, max(0.0, self.magnitude + self.std * float(torch.randn(()))))))
         return tv_tensors.wrap(x, like=frames) if isinstance(frames, tv_tensors.Video) else x
 
