@@ -755,4 +755,3 @@ def hold_folder(folder, flag="--output_dir"):
     handle.truncate(0)
     print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=handle, flush=True)
     _HELD[path] = handle
-
