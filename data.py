@@ -9,8 +9,7 @@ Conventions (see SPEC.md):
 
 Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from an
 RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
-samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
-"""
+samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead."""
 import fcntl
 import fractions
 import functools
