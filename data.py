@@ -1,5 +1,5 @@
 """From video files to batches: PyAV decoding, frame sampling, augmentation, masks, loaders and a synthetic set
-(command lines that write it, prepare a data set or time the loader: tools/synthetic.py, prepare.py, bench_loader.py).
+(preparing a data set and the loader's benchmark: tools/prepare.py, tools/bench_loader.py).
 
 Conventions (see SPEC.md):
   a clip is float (3, T, H, W), normalized with the ImageNet mean and std; a batch adds B in front. Pretraining
@@ -10,6 +10,7 @@ Conventions (see SPEC.md):
 Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from an
 RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
 samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead."""
+import argparse
 import fcntl
 import fractions
 import functools
@@ -754,3 +755,15 @@ def hold_folder(folder, flag="--output_dir"):
     handle.truncate(0)
     print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=handle, flush=True)
     _HELD[path] = handle
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Writes the synthetic set, the stages' demo data. Preparing a data "
+                                     "set and the loader's benchmark: tools/prepare.py, tools/bench_loader.py.")
+    parser.add_argument("--synthetic", metavar="ROOT", required=True, help="write the synthetic set to ROOT")
+    parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
+    parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
+    parser.add_argument("--synthetic_val", type=float, default=0.25, help="fraction of them held out in val.csv")
+    args = parser.parse_args()
+    print(json.dumps(make_synthetic_set(args.synthetic, args.synthetic_videos, seed=args.synthetic_seed,
+                                        val_fraction=args.synthetic_val)))

@@ -3082,7 +3082,7 @@ class TestSyntheticSet(unittest.TestCase):
 
     def test_command_line_sizes_the_set(self):
         root = os.path.join(TMP, "synthetic_cli")
-        out = subprocess.run([sys.executable, "tools/synthetic.py", "--synthetic", root, "--synthetic_videos", "8",
+        out = subprocess.run([sys.executable, "data.py", "--synthetic", root, "--synthetic_videos", "8",
                               "--synthetic_val", "0.25", "--synthetic_seed", "3"], cwd=HERE, capture_output=True,
                              text=True, timeout=120)
         self.assertEqual(out.returncode, 0, out.stderr)
@@ -4886,7 +4886,7 @@ class TestCoteachingScript(unittest.TestCase):
             with open(record) as f:
                 commands = [line.rstrip("\n").rstrip("\t").split("\t") for line in f if line.strip()]
         scripts = [c[0] for c in commands]
-        self.assertEqual(scripts, ["tools/synthetic.py"] + ["pretrain_mae.py"] * 2 + ["distill.py"] * 3 + ["finetune.py"] * 11)
+        self.assertEqual(scripts, ["data.py"] + ["pretrain_mae.py"] * 2 + ["distill.py"] * 3 + ["finetune.py"] * 11)
         parsed = {"pretrain_mae.py": [], "distill.py": [], "finetune.py": []}
         for script, *argv in commands[1:]:
             stage = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}[script]
@@ -4916,7 +4916,7 @@ class TestCoteachingScript(unittest.TestCase):
 MARKDOWN = ["README.md", os.path.join("experiments", "README.md")] + sorted(
     os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs")) if name.endswith(".md"))
 STAGES = {"pretrain_mae.py": pretrain_mae, "distill.py": distill, "finetune.py": finetune}
-SCRIPTS = ["tools/synthetic.py", "tools/prepare.py", "tools/bench_loader.py"]  # their parsers are built under __main__
+SCRIPTS = ["data.py", "tools/prepare.py", "tools/bench_loader.py"]  # their parsers are built under __main__
 
 
 def read_doc(name):

@@ -4,7 +4,7 @@
 #     bash experiments/coteaching.sh            # seeds 0 1 2 into output/coteaching/seed*; or name seeds: ... 0 3
 #     python experiments/report.py output/coteaching     # the table, the claims checked, mvd_coteaching.svg
 #
-# Per seed: a synthetic set (tools/synthetic.py), the two teachers (pretrain_mae.py), three students at equal budget
+# Per seed: a synthetic set of its own (data.py), the two teachers (pretrain_mae.py), three students at equal budget
 # (distill.py: image teacher only, video teacher only, both), then every encoder fine-tuned at equal budget on
 # appearance and on motion (finetune.py), with random init, the video teacher itself, and a one-frame baseline.
 # Run it from the repository root in the venv of the README. Every stage resumes where it stopped and a finished one
@@ -18,7 +18,7 @@ root=${COTEACHING_ROOT:-output/coteaching}
 for seed in "${seeds[@]}"; do
     out=$root/seed$seed
     syn=$out/synthetic
-    python tools/synthetic.py --synthetic $syn --synthetic_seed $seed --synthetic_videos 2000 --synthetic_val 0.2
+    python data.py --synthetic $syn --synthetic_seed $seed --synthetic_videos 2000 --synthetic_val 0.2
     # Every model: a ViT-Tiny cut to 4 blocks, 8 frames of 64 px, patch 16 (a 4x4 grid, 64 tubes a clip)
     size="--model vit_tiny --depth 4 --input_size 64 --num_frames 8 --sampling_rate 2 --patch_size 16 --seed $seed"
     # --cache_videos decodes each list once, up front; the clips are then cheap enough (0.3-1 ms) to prepare in the
