@@ -9,8 +9,7 @@ Conventions (see SPEC.md):
 
 Every random choice of a sample (clip start, crop, RandAugment draw, mask, replacement of a bad file) comes from an
 RNG seeded by (seed, epoch, index) alone, so a run resumes exactly and 2 ranks x batch b see exactly the
-samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead.
-"""
+samples of 1 rank x batch 2b. The official code draws them from each worker's global RNG instead."""
 import argparse
 import fcntl
 import fractions
@@ -39,13 +38,9 @@ UNREADABLE = (av.error.FFmpegError, OSError, ValueError)
 
 # ----------------------------------------------------------------------------------------------- reading and writing
 def read_frames(path, indices, decode_all=False):
-    """uint8 (len(indices), H, W, 3): the frames at 0-based `indices` in display order (repeats allowed; an index
-    past the end gives the last frame).
-
-    Decodes only what the clip needs (see _decode) and gives exactly what a full decode gives at those positions.
-    `indices` may also be a function of the video's frame count returning them (one file open instead of two).
-    `decode_all=True` is the slow reference (decode and convert everything, then index), for tests and the benchmark.
-    """
+    """uint8 (len(indices), H, W, 3): the frames at 0-based `indices` in display order (repeats allowed; past the end:
+    the last frame), exactly as a full decode, decoding only what they need (_decode). `indices` may be a function of
+    the frame count (one file open, not two). decode_all=True: the slow reference (decode, convert all, then index)."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         if callable(indices):
@@ -59,9 +54,8 @@ def read_frames(path, indices, decode_all=False):
 
 
 def _open(path):
-    """The file opened for reading frames. FFmpeg's probe decodes a new file's first frames only to report their pixel
-    format, which the decoder finds in the frames anyway: skipped (most of an open's time; the decoder itself is opened
-    afterwards, without this option)."""
+    """The file opened without FFmpeg's probe, which decodes a new file's first frames only to report a pixel format
+    the decoder finds in the frames anyway (most of an open's time; the decoder opens later, without this option)."""
     return av.open(str(path), options={"skip_frame": "nonkey"})
 
 
@@ -84,44 +78,34 @@ def _decode(container, stream, wanted, by_pts, convert_all=False):
     before the first needed frame and skipping the unneeded frames no other frame refers to (most B-frames). Only
     needed frames are converted to RGB; decoding stops after the last. Else frames are counted from the start."""
     first, last = min(wanted), max(wanted)
-    origin = ticks = None  # pts of frame 0, pts ticks per frame
-    if by_pts:
-        if not (stream.average_rate and stream.time_base):
-            return None
-        ticks, origin = 1 / float(stream.average_rate * stream.time_base), _frame_zero(container, stream)
-        if origin is None:
-            return None
-        # A backward seek lands on the last keyframe at or before the target. Aim a few frames early: some
-        # containers (AVI) index a keyframe at its decoding time, up to (B-frames + 1) frames before it is shown.
+    origin = _frame_zero(container, stream) if by_pts and stream.average_rate and stream.time_base else None
+    if by_pts and origin is None:
+        return None
+    ticks = 1 / float(stream.average_rate * stream.time_base) if by_pts else None  # pts ticks per frame
+    if by_pts:  # to the keyframe before, aiming 4 frames early: AVI indexes a keyframe at its decoding time (B-frames)
         container.seek(origin + int(max(first - 4, 0) * ticks), stream=stream)
-    # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for every frame (5-10x
-    # the decoding itself). On one thread: PyAV 17+ converts on every core, slower for frames this small, and a loader
-    # worker per core must not start a thread per core.
+    # One converter for the clip (frame.to_ndarray makes a swscale context a frame, costlier than decoding), on one
+    # thread (PyAV 17+ converts on every core: slower for frames this small, and a worker per core must not fan out).
     rgb = functools.partial(av.video.reformatter.VideoReformatter().reformat, format="rgb24", threads=1)
     out, previous, index, skipped = {}, None, -1, set()
     for packet, skip in _packets_to_decode(container.demux(stream), origin, ticks, wanted, skipped):
         stream.codec_context.skip_frame = skip  # set before the decoder's threads see the packet
         for frame in packet.decode():
-            if by_pts:
-                i = None if frame.pts is None else round((frame.pts - origin) / ticks)
-                # Gaps are expected before the first needed frame (the seek); from there on the only frames
-                # missing may be those skipped on purpose, or timestamps do not count frames (variable rate).
-                if i is None or i <= index or any(j not in skipped for j in range(max(index + 1, first), i)):
-                    return None
-                index = i
-            else:
-                index += 1
+            # By pts, gaps are expected before the first needed frame (the seek); from there on the only frames missing
+            # may be those skipped on purpose, or timestamps do not count frames (variable rate).
+            i = (None if frame.pts is None else round((frame.pts - origin) / ticks)) if by_pts else index + 1
+            if by_pts and (i is None or i <= index or any(j not in skipped for j in range(max(index + 1, first), i))):
+                return None
+            index = i
             if index in wanted or convert_all:
                 out[index] = rgb(frame).to_ndarray()
             if index >= last and not convert_all:
                 return out
             previous = frame
-    if previous is None:
-        if by_pts:
-            return None
+    if previous is None and not by_pts:
         raise ValueError("no frames decoded")
-    if by_pts and (index < first or max(skipped, default=-1) > index):  # the video ended among skipped frames:
-        return None  # its last frame may be one of them
+    if by_pts and (previous is None or index < first or max(skipped, default=-1) > index):  # or the video ended
+        return None  # among skipped frames: its last frame may be one of them
     tail = out[index] if index in out else rgb(previous).to_ndarray()
     return {i: out.get(i, tail) for i in wanted}  # indices past the end get the last frame
 
@@ -139,12 +123,11 @@ def _frame_zero(container, stream):
 
 
 def _packets_to_decode(packets, origin, ticks, wanted, skipped):
-    """The packets the decoder needs, each with its skip_frame setting: "DEFAULT" for a needed frame, "NONREF" for
-    others (frames no other frame refers to are not decoded). A packet's frame number comes from its pts (None without
-    origin: every packet is needed); unneeded ones are added to `skipped`. A frame nobody needs before the last needed
-    one is held back, undecoded, until a needed one may refer to it; at a keyframe after every needed frame before it,
-    decoding can start afresh and what is held is dropped. So clips far apart in one video cost two short decodes, not
-    the reference frames between."""
+    """The packets the decoder needs, each with its skip_frame: "DEFAULT" for a needed frame, "NONREF" for others
+    (frames no other frame refers to are not decoded). A packet's frame number comes from its pts (None without origin:
+    every packet is needed); unneeded ones go into `skipped`. An unneeded frame before the last needed one is held
+    back, undecoded, until a needed one may refer to it; at a keyframe after every needed frame before it, what is held
+    is dropped: clips far apart in one video cost two short decodes, not the reference frames between."""
     last, held, fed = max(wanted), [], set()
     for packet in packets:
         n = None if origin is None or packet.pts is None else round((packet.pts - origin) / ticks)
@@ -152,9 +135,7 @@ def _packets_to_decode(packets, origin, ticks, wanted, skipped):
         if not needed:
             skipped.add(n)
             if n < last:
-                if packet.is_keyframe and all(w in fed for w in wanted if w < n):
-                    held = []
-                held.append(packet)
+                held = [packet] if packet.is_keyframe and all(w in fed for w in wanted if w < n) else held + [packet]
                 continue
         fed.add(n)
         yield from [(p, "NONREF") for p in held] + [(packet, "DEFAULT" if needed else "NONREF")]
@@ -178,14 +159,13 @@ def video_num_frames(path):
 
 
 def write_video(path, frames, fps=30, codec="libx264", options=None, format=None):
-    """Write frames with PyAV as yuv420p, frame i at i / fps: uint8 (H, W, 3) RGB arrays or av.VideoFrames, all of
-    one size (a decoded frame's display rotation is kept); `options` go to the encoder (e.g. {"crf": "18", "g": "12"}).
-    -> the number of frames written."""
-    count = 0
+    """Write uint8 (H, W, 3) RGB arrays or av.VideoFrames of one size as yuv420p, frame i at i / fps, a decoded frame's
+    display rotation kept; `options` go to the encoder (e.g. {"crf": "18", "g": "12"}). -> the number written."""
+    count = -1
     with av.open(str(path), "w", format=format) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.pix_fmt = "yuv420p"
-        for frame in frames:
+        for count, frame in enumerate(frames):
             if not isinstance(frame, av.VideoFrame):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
             if not count:  # the size of the first frame, and the rotation a player applies (phone footage)
@@ -195,30 +175,25 @@ def write_video(path, frames, fps=30, codec="libx264", options=None, format=None
             frame.pts, frame.time_base = count, 1 / fractions.Fraction(fps)
             frame.pict_type = av.video.frame.PictureType.NONE  # the encoder chooses (x264 keeps a decoded frame's)
             container.mux(stream.encode(frame))
-            count += 1
         container.mux(stream.encode())  # flush the encoder's delayed frames
-    return count
+    return count + 1
 
 
 def read_list(list_path):
     """[(path as written, label)] from lines `path label` (space or comma)."""
     if not os.path.isfile(list_path):
         raise ValueError(f"video list {list_path} does not exist: check --data_path")
-    videos = []
     try:
         with open(list_path, encoding="utf-8") as f:
             lines = list(f)
     except UnicodeDecodeError as e:
         raise ValueError(f"{list_path} is not UTF-8 text ({e.reason} at byte {e.start}): give a video list") from None
-    for line_number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        fields = line.strip().split("," if "," in line else None)
-        if len(fields) != 2 or not fields[1].strip().isdigit():  # a label is 0 or more
-            raise ValueError(f"{list_path}:{line_number}: expected 'path label' with a label 0 or more, got "
-                             f"{line.strip()!r}")
-        videos.append((fields[0].strip(), int(fields[1])))
-    return videos
+    rows = [line.strip().split("," if "," in line else None) for line in lines]  # [] for a blank line
+    for number, fields in enumerate(rows, 1):
+        if fields and (len(fields) != 2 or not fields[1].strip().isdigit()):  # a label is 0 or more
+            raise ValueError(f"{list_path}:{number}: expected 'path label' with a label 0 or more, got "
+                             f"{lines[number - 1].strip()!r}")
+    return [(fields[0].strip(), int(fields[1])) for fields in rows if fields]
 
 
 def load_video_list(list_path, data_root=""):
@@ -228,8 +203,8 @@ def load_video_list(list_path, data_root=""):
         raise ValueError(f"--data_root {data_root} does not exist: give the folder the paths of {list_path} are "
                          "relative to")
     entries = read_list(list_path)  # the same on every rank, or every rank stops (model.agree)
-    agree(f"the list {list_path}", f"{len(entries)} videos, sha1 {hashlib.sha1(repr(entries).encode()).hexdigest()[:12]}",
-          "give every node the same list")
+    digest = hashlib.sha1(repr(entries).encode()).hexdigest()[:12]
+    agree(f"the list {list_path}", f"{len(entries)} videos, sha1 {digest}", "give every node the same list")
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in entries]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
@@ -244,7 +219,8 @@ class CachedReader:
     the DataLoader's workers fork and share them; a file that fails is left out and read (and skipped) as usual."""
 
     def __init__(self, paths=(), num_workers=0):
-        whole = in_parallel(_whole_video, sorted(set(paths)), num_workers)
+        # without batching, a DataLoader applies its collate_fn to each path, in its workers (0 workers: here)
+        whole = DataLoader(sorted(set(paths)), batch_size=None, num_workers=num_workers, collate_fn=_whole_video)
         self.videos = {path: torch.from_numpy(frames) for path, frames in whole if frames is not None}
 
     def __call__(self, path, indices):
@@ -262,35 +238,23 @@ def _whole_video(path):  # -> (path, uint8 (T, H, W, 3) numpy, or None if unread
         return path, None
 
 
-def in_parallel(fn, items, num_workers):
-    """fn(item) for every item, in order, computed by num_workers processes (DataLoader workers; 0: here). Without
-    batching (batch_size=None) a DataLoader applies its collate_fn to each item of the list, in the worker."""
-    return DataLoader(items, batch_size=None, num_workers=num_workers, collate_fn=fn)
-
-
 # ----------------------------------------------------------------------------------------------- sampling and masks
-def clip_indices(num_video_frames, num_frames, sampling_rate, num_clips=1):
-    """Pretraining: frame indices of num_clips random clips of num_frames frames every sampling_rate frames, one after
-    the other in the list, the k-th starting in the k-th of num_clips equal parts of the possible starts (the official
-    repeated sampling, TSN-style). A video shorter than the clip repeats its last frame; sampling_rate 0 repeats one
-    frame (a single-frame baseline: no motion left to see)."""
-    n = num_video_frames
+def clip_indices(n, num_frames, sampling_rate, num_clips=1):
+    """Pretraining: frame indices in an n-frame video of num_clips random clips of num_frames frames every
+    sampling_rate frames, one after the other, the k-th starting in the k-th of num_clips equal parts of the possible
+    starts (the official repeated sampling, TSN-style). A video shorter than the clip repeats its last frame;
+    sampling_rate 0 repeats one frame (a single-frame baseline: no motion left to see)."""
     starts = max(n - (num_frames - 1) * sampling_rate, 1)  # possible starts: 0 .. starts - 1
     bounds = [k * starts // num_clips for k in range(num_clips + 1)]
     return [min(start + sampling_rate * i, n - 1) for lo, hi in zip(bounds, bounds[1:])
             for start in [int(torch.randint(lo, max(hi, lo + 1), ()))] for i in range(num_frames)]
 
 
-def finetune_indices(num_video_frames, num_frames, sampling_rate, sampling="dense"):
-    """Fine-tuning: frame indices of one random clip, the official loaders' formulas (kinetics.py, ssv2.py).
-
-    dense: a window of num_frames * sampling_rate frames ending at a random frame, num_frames frames np.linspace'd
-      over it (16 over 64: offsets 0, 4, 8, 12, 17, ..., 59, 63); a video no longer than the window spreads
-      n // sampling_rate frames over all of it and repeats its last frame.
-    segment (SSv2): num_frames inclusive, overlapping segments [round(d i), round(d (i + 1))], d = (n - 1) / num_frames,
-      one random frame each.
-    """
-    n = num_video_frames
+def finetune_indices(n, num_frames, sampling_rate, sampling="dense"):
+    """Fine-tuning: frame indices of one random clip of an n-frame video, the official loaders' formulas (kinetics.py,
+    ssv2.py). dense: num_frames frames np.linspace'd over a window of num_frames * sampling_rate frames ending at a
+    random frame (16 over 64: offsets 0, 4, 8, 12, 17, ..., 59, 63), or over a shorter video, its last frame repeated.
+    segment (SSv2): one random frame in each of num_frames inclusive, overlapping segments."""
     if sampling == "segment":
         d = (n - 1) / num_frames
         return [int(torch.randint(round(d * i), round(d * (i + 1)) + 1, ())) for i in range(num_frames)]
@@ -303,15 +267,11 @@ def finetune_indices(num_video_frames, num_frames, sampling_rate, sampling="dens
             for i in range(num_frames)]
 
 
-def view_indices(num_video_frames, num_frames, sampling_rate, sampling, view, num_views):
-    """Testing: frame indices of view `view` of `num_views`, the official test loaders' formulas.
-
-    dense: the frames 0, r, 2r, ... (the last repeated up to num_frames) and num_views windows of num_frames of them
-      evenly spaced; sampling_rate 0 (the single-frame baseline): one frame, views evenly spaced over the video.
-    segment (SSv2): the segments of length d = (n - 1) / num_frames cut into num_views parts; view k takes the middle
-      of part k of every segment (2 views: the middles of the two halves).
-    """
-    n = num_video_frames
+def view_indices(n, num_frames, sampling_rate, sampling, view, num_views):
+    """Testing: frame indices of view `view` of `num_views` of an n-frame video, the official test loaders' formulas.
+    dense: num_views evenly spaced windows of num_frames of the frames 0, r, 2r, ... (the last repeated); sampling_rate
+    0 (the single-frame baseline): one frame, views evenly spaced. segment (SSv2): the segments cut into num_views
+    parts, view k taking the middle of part k of every segment (2 views: the middles of the two halves)."""
     if sampling == "segment":
         d = (n - 1) / num_frames
         part = d / num_views
@@ -347,25 +307,21 @@ def random_mask(num_patches, mask_ratio, generator=None):
 
 # ---------------------------------------------------------------------------------------------------- transforms
 def normalize(x, channel_dim=1):
-    """uint8 -> float, ImageNet-normalized along `channel_dim`: (x / 255 - mean) / std, on x's device, in place.
-    Pretraining batches come as uint8 (B, 3, [T,] H, W) and are normalized on the training device: on a GPU for free,
-    and a quarter of the bytes travel from the loader's workers."""
-    shape = (3,) + (1,) * (x.ndim - channel_dim % x.ndim - 1)
-    mean, std = (v.view(shape) for v in _mean_std_255(x.device))
+    """uint8 -> float (x / 255 - mean) / std along `channel_dim`, on x's device, in place: pretraining batches travel
+    from the loader's workers as uint8 (B, 3, [T,] H, W), a quarter of the bytes, and are normalized on its device."""
+    mean, std = _mean_std_255(x.device, x.ndim - channel_dim % x.ndim - 1)
     return x.float().sub_(mean).div_(std)
 
 
 @functools.cache
-def _mean_std_255(device):  # made once per device: a new tensor on a GPU would wait for a copy at every step
-    return tuple(255 * torch.tensor(v, device=device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+def _mean_std_255(device, trailing):  # once per device and layout: a new GPU tensor would wait for a copy every step
+    return tuple(255 * torch.tensor(v, device=device).view(3, *[1] * trailing) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def multi_scale_crop_box(height, width, size, scales=(1, 0.875, 0.75, 0.66)):
-    """(top, left, crop_h, crop_w) as the official GroupMultiScaleCrop (VideoMAE/MVD pretraining, fix_crop).
-
-    Crop sides are fractions of the short side (snapped to `size` when within 2 px), height and width at most one
-    scale step apart; the offset is one of 13 fixed points (corners, centre, edge centres, quarter points).
-    """
+    """(top, left, crop_h, crop_w) as the official GroupMultiScaleCrop (VideoMAE/MVD pretraining, fix_crop): crop sides
+    are fractions of the short side (snapped to `size` when within 2 px), height and width at most one scale step
+    apart; the offset is one of 13 fixed points (corners, centre, edge centres, quarter points)."""
     sides = [int(min(height, width) * s) for s in scales]
     sides = [size if abs(s - size) < 3 else s for s in sides]
     pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
@@ -431,9 +387,8 @@ class RandAugment:
 
     def __call__(self, frames):  # uint8 (T, 3, H, W) -> the same, a tv_tensors.Video stays one
         x, ops = frames.as_subclass(torch.Tensor), list(RAND_AUGMENT_OPS.values())
-        for i in torch.randint(len(ops), (self.num_ops,)).tolist():
+        for op, level in [ops[i] for i in torch.randint(len(ops), (self.num_ops,)).tolist()]:
             if torch.rand(()) < 0.5:
-                op, level = ops[i]
                 x = op(x, level(min(10.0, max(0.0, self.magnitude + self.std * float(torch.randn(()))))))
         return tv_tensors.wrap(x, like=frames) if isinstance(frames, tv_tensors.Video) else x
 
@@ -450,9 +405,8 @@ class EraseClip(v2.RandomErasing):
 def finetune_augmentation(input_size, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08):
     """The official fine-tuning recipe on a tv_tensors.Video uint8 (T, 3, H, W), one random draw for all frames:
     RandAugment(num_ops, magnitude, std), a random-resized crop without antialiasing (the official interpolates
-    bilinearly), flip, erasing. rand_augment=None and erase_prob=0 leave the crop and the flip: MAE's linear-probing
-    augmentation. crop_scale is the smallest area fraction of the crop (official 0.08; larger keeps tiny frames
-    recognisable)."""
+    bilinearly), flip, erasing; rand_augment=None and erase_prob=0 leave MAE's linear-probing crop and flip. crop_scale:
+    the crop's smallest area fraction (official 0.08; larger keeps tiny frames recognisable)."""
     return v2.Compose([
         *([RandAugment(*rand_augment)] if rand_augment else []),
         v2.ToDtype(torch.float32, scale=True),
@@ -469,10 +423,9 @@ class TooManyBadVideos(RuntimeError):
 
 
 class SeededDataset(Dataset):
-    """Base of both datasets: items indexed by (index, epoch), each computed in a forked RNG seeded by (seed, epoch,
-    index) only (the caller's RNG untouched, nothing depending on the worker or rank), and unreadable files: each is
-    printed once, appended to output_dir/bad_videos.txt (the count the workers share) and replaced by another draw;
-    past max_bad_videos, TooManyBadVideos stops the run."""
+    """Items indexed by (index, epoch), each computed in a forked RNG seeded by (seed, epoch, index) alone (the caller's
+    RNG untouched, nothing from the worker or rank). An unreadable file is printed once, appended to
+    output_dir/bad_videos.txt (the count the workers share) and replaced by another draw; past max_bad_videos, stop."""
 
     def __init__(self, items, seed, output_dir, max_bad_videos, cache_videos=False):
         if not items:
@@ -485,8 +438,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also queue a
-            # seed for every GPU backend, which formats a stack trace each time (0.2 ms, a quarter of a tiny clip)
+        with torch.random.fork_rng(devices=[]):  # CPU only: manual_seed's GPU seeding formats a stack trace (slow)
             torch.default_generator.manual_seed(
                 int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0]))
             return self.get(index)
@@ -526,19 +478,17 @@ class VideoDataset(SeededDataset):
     """Clips of the videos of a list file, for pretraining, fine-tuning ("train") or multi-view testing ("test")."""
 
     def __init__(self, list_path, data_root="", mode="pretrain", num_frames=16, sampling_rate=4, sampling="dense",
-                 input_size=224, teacher_input_size=None, mask_ratio=0.9, mask_type="tube", tubelet_size=2, patch_size=16,
-                 num_sample=1, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08,
-                 test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0, output_dir=None, max_bad_videos=None,
-                 cache_videos=False):
+                 input_size=224, teacher_input_size=None, mask_ratio=0.9, mask_type="tube", tubelet_size=2,
+                 patch_size=16, num_sample=1, flip=True, rand_augment=(4, 7, 0.5), erase_prob=0.25, crop_scale=0.08,
+                 test_num_segment=5, test_num_crop=3, short_side_size=224, seed=0, output_dir=None,
+                 max_bad_videos=None, cache_videos=False):
         assert mode in ("pretrain", "train", "test") and sampling in ("dense", "segment")
         super().__init__(load_video_list(list_path, data_root), seed, output_dir, max_bad_videos, cache_videos)
         self.mode, self.num_frames, self.sampling_rate, self.sampling = mode, num_frames, sampling_rate, sampling
-        self.input_size, self.mask_ratio, self.num_sample = input_size, mask_ratio, num_sample
+        self.input_size, self.short_side_size, self.mask_ratio = input_size, short_side_size, mask_ratio
+        self.num_sample, self.test_num_segment, self.test_num_crop = num_sample, test_num_segment, test_num_crop
         self.teacher_input_size = teacher_input_size if teacher_input_size not in (None, input_size) else None
-        self.grid = (num_frames // tubelet_size, input_size // patch_size, input_size // patch_size)
-        self.mask_grid = mask_grid(self.grid, mask_type)
-        self.test_num_segment, self.test_num_crop = test_num_segment, test_num_crop
-        self.short_side_size = short_side_size
+        self.mask_grid = mask_grid((num_frames // tubelet_size, *[input_size // patch_size] * 2), mask_type)
         self.augment = (finetune_augmentation(input_size, flip, rand_augment, erase_prob, crop_scale)
                         if mode == "train" else None)
 
@@ -587,11 +537,11 @@ class VideoDataset(SeededDataset):
         except UNREADABLE as error:
             self.skip_bad(path, error)
             return {**sample, "video": torch.zeros(3, self.num_frames, self.input_size, self.input_size), "ok": False}
-        s = self.short_side_size
+        s, crops = self.short_side_size, self.test_num_crop
         frames = v2.functional.resize(frames, [s], antialias=False)  # short side to s, as the official (cv2)
         height, width = frames.shape[-2:]
-        crops, crop = self.test_num_crop, view % self.test_num_crop  # spread along the long side
-        start = int(crop * ((max(height, width) - s) / (crops - 1))) if crops > 1 else (max(height, width) - s) // 2
+        free = max(height, width) - s  # the crops spread along the long side
+        start = int(view % crops * (free / (crops - 1))) if crops > 1 else free // 2
         frames = frames[..., start:start + s, :] if height > width else frames[..., start:start + s]
         if s != self.input_size:  # the official code assumes short_side_size == input_size
             frames = v2.functional.resize(frames, [self.input_size] * 2, antialias=False)
@@ -605,24 +555,21 @@ class ImageDataset(SeededDataset):
 
     def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, num_sample=1, seed=0,
                  output_dir=None, max_bad_videos=None, cache_videos=False):
-        self.from_videos = not os.path.isdir(data_path)
-        folder = None if self.from_videos else torchvision.datasets.ImageFolder(data_path)
-        super().__init__(load_video_list(data_path, data_root) if self.from_videos else folder.samples, seed,
-                         output_dir, max_bad_videos, cache_videos and self.from_videos)
-        self.load_image = None if self.from_videos else folder.loader  # PIL, as MAE
+        folder = torchvision.datasets.ImageFolder(data_path) if os.path.isdir(data_path) else None
+        super().__init__(load_video_list(data_path, data_root) if folder is None else folder.samples, seed,
+                         output_dir, max_bad_videos, cache_videos and folder is None)
+        self.load_image = None if folder is None else folder.loader  # PIL, as MAE
         self.num_patches, self.mask_ratio, self.num_sample = (input_size // patch_size) ** 2, mask_ratio, num_sample
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
+        self.augment = v2.Compose([v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), antialias=True,
+                                                        interpolation=v2.InterpolationMode.BICUBIC),
+                                   v2.RandomHorizontalFlip()])
 
     def __len__(self):
         return len(self.items)
 
     def read_images(self, path):
         """uint8 (num_sample, 3, H, W)."""
-        if not self.from_videos:
+        if self.load_image:
             return v2.functional.pil_to_tensor(self.load_image(path)).expand(self.num_sample, -1, -1, -1)
         return self.reader(path, lambda n: clip_indices(n, 1, 1, self.num_sample)).permute(0, 3, 1, 2)
 
@@ -635,10 +582,9 @@ class ImageDataset(SeededDataset):
 
 # ------------------------------------------------------------------------------------------- loaders and mixing
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (order from seed + epoch, rank r takes every world_size-th index) yielding (index, epoch),
-    so that a sample's augmentation can depend on the epoch. Call set_epoch(epoch) every epoch; set_epoch(epoch, skip)
-    leaves out this rank's first `skip` indices, so that a run resumed mid-epoch never reads them (the DataLoader
-    iterates the sampler in the main process, also with persistent workers: it takes effect at the next iter())."""
+    """DistributedSampler yielding (index, epoch), so that a sample's augmentation can depend on the epoch.
+    set_epoch(epoch, skip) leaves out this rank's first `skip` indices, so that a run resumed mid-epoch never reads
+    them (the DataLoader iterates the sampler in the main process, even with persistent workers: from the next iter)."""
     skip = 0
 
     def set_epoch(self, epoch, skip=0):
@@ -651,12 +597,10 @@ class EpochSampler(DistributedSampler):
 
 def make_loader(dataset, batch_size, *, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True, num_workers=2,
                 device_type="cpu"):
-    """Batches of `dataset` for one rank: batch_size items, each a sample or a list of samples of one video (every
-    one goes into the batch, video by video, as the official collate of repeated samples). Without drop_last,
-    DistributedSampler pads the ranks to equal length by repeating a few items: evaluation should count each
-    (index, view) once. Call loader.sampler.set_epoch(epoch)."""
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                           drop_last=drop_last)
+    """Batches of `dataset` for one rank: batch_size items, each a sample or a list of one video's samples, all of them
+    in the batch (the official collate of repeated samples). Without drop_last, DistributedSampler pads the ranks to
+    equal length with repeated items: evaluation counts each (index, view) once. Every epoch: set_epoch(epoch)."""
+    sampler = EpochSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     # The generator only seeds the workers' base seed; without it the DataLoader would draw from the global RNG.
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       pin_memory=device_type == "cuda", persistent_workers=num_workers > 0,
@@ -672,9 +616,8 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
     Beta(alpha, alpha), each clip mixed with the batch reversed (torchvision's roll by one would mix every second clip
     with the other view of its own video at --num_sample 2), soft targets with label smoothing. Uses the global RNG
     (train_one_epoch seeds it per step). CutMix: timm's box, lam corrected by its clipped area, one H x W box in every
-    frame. The official hands timm (B, C, T, H, W) clips: its box, drawn for (H, W), cuts x[:, :, yl:yh, xl:xh], frames
-    and rows; in 60% of CutMix draws no pixel moves, yet the labels give the partner 29% of their mass there (32% over
-    all draws; docs/details.md)."""
+    frame. The official's box, drawn for (H, W) of (B, C, T, H, W) clips, cuts frames and rows: in most of its draws no
+    pixel moves, yet the labels mix (docs/details.md)."""
     def apply(video, labels):
         """video (B, 3, T, H, W), labels (B,) -> video, soft targets (B, num_classes)."""
         targets = F.one_hot(labels, num_classes).float()
@@ -695,55 +638,45 @@ def mixup_cutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing
             targets = lam * targets + (1 - lam) * targets.flip(0)
         # smoothing commutes with mixing: (1 - e) * mixed one-hot + e / K is what timm computes
         return video, targets * (1 - label_smoothing) + label_smoothing / num_classes
-
     return apply
 
 
 # ----------------------------------------------------------------------------------------------- synthetic set
-TEXTURES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checker")  # appearance label = position
 MOTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # motion label = position here
 
 
 def render_video(rng, height, width, num_frames, appearance, motion, background_step=(0, 0), noise=0.0):
-    """uint8 (T, H, W, 3): an object textured by `appearance` (0-3) moving by `motion` (0-3) over a smooth background.
-
-    Everything lives on a torus: the object starts at a uniformly random position and wraps around at one speed,
-    so any single frame has the same distribution whatever the motion; only frame-to-frame change reveals it.
-    The object is a third of the frame, its stripes a tenth, and it stands out from a dim, low-contrast
-    background (lighter or darker, at random): with random stripe colours (version 2 of the set) the stripes
-    dominated the pixels, and masked reconstruction learnt the clip's mean colour rather than the motion.
-    """
-    texture, scale = appearance, min(height, width) / 64
+    """uint8 (T, H, W, 3): an object textured by `appearance` (0-3: horizontal, vertical or diagonal stripes, checker)
+    moving by `motion` (0-3, MOTIONS) over a smooth background. Everything lives on a torus: the object starts at a
+    uniformly random position and wraps around at one speed, so any single frame has the same distribution whatever
+    the motion; only frame-to-frame change reveals it. The object (a third of the frame, stripes a tenth) stands out
+    from a dim, low-contrast background, lighter or darker at random: where stripes dominate the pixels, masked
+    reconstruction learns the clip's mean colour rather than the motion (what earlier sets did: docs/details.md)."""
+    scale = min(height, width) / 64
     y, x = np.mgrid[:height, :width] - np.array([height // 2, width // 2])[:, None, None]
     # background: smooth noise (random low-res field, bicubic upsampled) blending two colours 40 apart
     field = F.interpolate(torch.from_numpy(rng.random((1, 1, height // 8 + 2, width // 8 + 2))),
                           size=(height, width), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
     dark_object = rng.random() < 0.5
-    background_base = rng.integers(166, 216, 3) if dark_object else rng.integers(40, 90, 3)
-    colours = background_base + np.array([[-20], [20]])
-    background = field[..., None] * colours[0] + (1 - field[..., None]) * colours[1]
-    # object: disk or square of equal area, striped or checkered with a random period and phase, its two
-    # colours 100 apart around a base far from the background's
+    low, high = (rng.integers(166, 216, 3) if dark_object else rng.integers(40, 90, 3)) + np.array([[-20], [20]])
+    background = field[..., None] * low + (1 - field[..., None]) * high
+    # object: disk or square of equal area (drawn at random: a nuisance, not a label), striped or checkered with a
+    # random period and phase, its two colours 100 apart around a base far from the background's
     radius = min(height, width) * rng.uniform(0.28, 0.36)
-    is_disk = rng.random() < 0.5  # disk or square, drawn at random: a nuisance, not a label
-    inside = (x ** 2 + y ** 2 <= radius ** 2) if is_disk else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
+    inside = (x ** 2 + y ** 2 <= radius ** 2) if rng.random() < 0.5 else (np.maximum(abs(x), abs(y)) <= 0.886 * radius)
     period, phase = max(3, round(rng.integers(6, 9) * scale)), rng.integers(0, 9)
     bits = [(y + phase) // period, (x + phase) // period, (x + y + phase) // period,
-            (y + phase) // period + (x + phase) // period][texture]
-    object_base = rng.integers(25, 85, 3) if dark_object else rng.integers(170, 230, 3)
-    colours = object_base + np.array([[-50], [50]])
-    pattern = np.where((bits % 2 == 0)[..., None], colours[0], colours[1])
+            (y + phase) // period + (x + phase) // period][appearance]
+    colours = (rng.integers(25, 85, 3) if dark_object else rng.integers(170, 230, 3)) + np.array([[-50], [50]])
+    pattern = np.where((bits % 2 == 0)[..., None], *colours)
     start = rng.integers(0, [height, width])
     step, speed = np.array(list(MOTIONS.values())[motion]), max(1, round(min(height, width) / 32))
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
-        dy, dx = start + t * speed * step
-        by, bx = t * np.array(background_step)
-        frame = np.where(np.roll(inside, (dy, dx), (0, 1))[..., None], np.roll(pattern, (dy, dx), (0, 1)),
-                         np.roll(background, (by, bx), (0, 1)))
-        if noise:
-            frame = frame + rng.normal(0, noise, frame.shape)
-        frames[t] = frame.clip(0, 255)
+        shift = start + t * speed * step
+        frame = np.where(np.roll(inside, shift, (0, 1))[..., None], np.roll(pattern, shift, (0, 1)),
+                         np.roll(background, t * np.array(background_step), (0, 1)))
+        frames[t] = (frame + rng.normal(0, noise, frame.shape) if noise else frame).clip(0, 255)
     return frames
 
 
@@ -762,21 +695,18 @@ def make_synthetic_set(root, num_videos=400, num_frames=48, size=64, fps=24, see
                 return paths
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, (num_videos, 2))  # (appearance, motion), drawn independently
-    is_val = np.zeros(num_videos, bool)
-    is_val[rng.permutation(num_videos)[:round(val_fraction * num_videos)]] = True
+    is_val = np.isin(np.arange(num_videos), rng.permutation(num_videos)[:round(val_fraction * num_videos)])
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
     names = [f"videos/{i:04d}.mp4" for i in range(num_videos)]
-    for i, name in enumerate(names):
+    for i, name in enumerate(names):  # one encoder thread: the same bytes from the same seed
         frames = render_video(np.random.default_rng([seed, i]), size, size, num_frames, *labels[i])
-        write_video(os.path.join(root, name), frames, fps,  # one encoder thread: the same bytes from the same seed
-                    options={"crf": "18", "preset": "veryfast", "threads": "1"})
-    with open(paths["all"], "w") as f:
-        f.writelines(f"{name} 0\n" for name in names)  # pretraining ignores the label
+        write_video(os.path.join(root, name), frames, fps, options={"crf": "18", "preset": "veryfast", "threads": "1"})
+    _write_atomically(paths["all"], "".join(f"{name} 0\n" for name in names))  # pretraining ignores the label
     for column, task in enumerate(("appearance", "motion")):
         os.makedirs(os.path.join(root, task), exist_ok=True)
         for split, in_split in (("train", ~is_val), ("val", is_val)):
-            with open(paths[f"{task}_{split}"], "w") as f:
-                f.writelines(f"{names[i]} {labels[i, column]}\n" for i in np.flatnonzero(in_split))
+            _write_atomically(paths[f"{task}_{split}"],
+                              "".join(f"{names[i]} {labels[i, column]}\n" for i in np.flatnonzero(in_split)))
     _write_atomically(marker, json.dumps(params))  # written last: its presence means the set is complete
     return paths
 
@@ -790,6 +720,9 @@ def use_synthetic_set(args, list_name):
 
 
 # ---------------------------------------------------------------------------------------- writing files safely
+_HELD = {}  # hold_folder's lock files -> their open handles, kept for the life of the process
+
+
 def _write_atomically(path, text):
     """Write a small file whole or not at all: a temporary name unique to this process, synced, then renamed."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -800,14 +733,10 @@ def _write_atomically(path, text):
     os.replace(tmp, path)
 
 
-_HELD = {}  # lock file -> its open handle, kept for the life of the process
-
-
 def hold_folder(folder, flag="--output_dir"):
-    """One run at a time writes `folder`: a POSIX record lock on folder/.lock, taken without waiting. The OS drops it
-    when the process dies, however it dies (never a stale lock), and forked workers do not inherit it (unlike flock),
-    so a killed run's orphaned workers never keep a rerun out. Taken again in the same process, it is already held.
-    One clear error where another live process holds it, or where `folder` is a file."""
+    """One run at a time writes `folder`: a POSIX record lock on folder/.lock, taken without waiting (again in this
+    process: already held). The OS drops it when the process dies, however it dies (never a stale lock), and forked
+    workers do not inherit it (unlike flock), so a killed run's orphaned workers never keep a rerun out."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder")
     os.makedirs(folder, exist_ok=True)
@@ -824,14 +753,13 @@ def hold_folder(folder, flag="--output_dir"):
         raise ValueError(f"{folder} is being written by another run ({holder}): wait for it to end, or give "
                          f"another {flag}") from None
     handle.truncate(0)
-    handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
-    handle.flush()
+    print(f"pid {os.getpid()}: {' '.join(sys.argv)}", file=handle, flush=True)
     _HELD[path] = handle
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Writes the synthetic set, the stages' demo data. Preparing a data set "
-                                     "and the loader's benchmark: tools/prepare.py, tools/bench_loader.py.")
+    parser = argparse.ArgumentParser(description="Writes the synthetic set, the stages' demo data. Preparing a data "
+                                     "set and the loader's benchmark: tools/prepare.py, tools/bench_loader.py.")
     parser.add_argument("--synthetic", metavar="ROOT", required=True, help="write the synthetic set to ROOT")
     parser.add_argument("--synthetic_seed", type=int, default=0, help="seed of the synthetic set's videos and split")
     parser.add_argument("--synthetic_videos", type=int, default=400, help="how many videos the synthetic set has")
