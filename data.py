@@ -196,15 +196,21 @@ def read_list(list_path):
     return [(fields[0].strip(), int(fields[1])) for fields in rows if fields]
 
 
+def agree_on_files(what, entries, fix):
+    """[(path as given, label)], the same on every rank (their count and digest), or every rank stops in one line
+    (model.agree): ranks with other files would deal other shards and steps, and wait for each other at the end."""
+    digest = hashlib.sha1(repr(entries).encode()).hexdigest()[:12]
+    agree(what, f"{len(entries)} files, sha1 {digest}", fix)
+
+
 def load_video_list(list_path, data_root=""):
     """[(absolute path, label)] of a list (read_list). Files listed but missing stay listed and are replaced when read,
     as unreadable ones (--max_bad_videos): every rank of every node has the same list, so the same shards and steps."""
     if data_root and not os.path.isdir(data_root):
         raise ValueError(f"--data_root {data_root} does not exist: give the folder the paths of {list_path} are "
                          "relative to")
-    entries = read_list(list_path)  # the same on every rank, or every rank stops (model.agree)
-    digest = hashlib.sha1(repr(entries).encode()).hexdigest()[:12]
-    agree(f"the list {list_path}", f"{len(entries)} videos, sha1 {digest}", "give every node the same list")
+    entries = read_list(list_path)
+    agree_on_files(f"the list {list_path}", entries, "give every node the same list")
     videos = [(os.path.abspath(os.path.join(data_root, path)), label) for path, label in entries]
     missing = dict.fromkeys(path for path, _ in videos if not os.path.exists(path))  # a set in list order
     if missing:
@@ -556,6 +562,10 @@ class ImageDataset(SeededDataset):
     def __init__(self, data_path, data_root="", input_size=224, patch_size=16, mask_ratio=0.75, num_sample=1, seed=0,
                  output_dir=None, max_bad_videos=None, cache_videos=False):
         folder = torchvision.datasets.ImageFolder(data_path) if os.path.isdir(data_path) else None
+        if folder:  # as a video list is (load_video_list): paths relative to the folder, which nodes may mount apart
+            agree_on_files(f"the image folder {data_path}", [(os.path.relpath(path, data_path), label)
+                                                             for path, label in folder.samples],
+                           "give every node the same images")
         super().__init__(load_video_list(data_path, data_root) if folder is None else folder.samples, seed,
                          output_dir, max_bad_videos, cache_videos and folder is None)
         self.load_image = None if folder is None else folder.loader  # PIL, as MAE

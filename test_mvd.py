@@ -4665,13 +4665,20 @@ class TestManyNodes(unittest.TestCase):
         of two (rank 1's all_gather mocked): the same one line on every rank, instead of one rank stopping alone."""
         folder = tempfile.mkdtemp(dir=self.tmp)
         list_path = write_list(os.path.join(folder, "train.csv"), ["a.mp4 0", "b.mp4 1"])
+        images = os.path.join(folder, "images")  # an ImageFolder for pretrain_mae.py --mode image: listed, never read
+        for name in ("cat/1.png", "dog/2.png"):
+            os.makedirs(os.path.dirname(os.path.join(images, name)), exist_ok=True)
+            open(os.path.join(images, name), "w").close()
         with open(os.path.join(folder, "checkpoint-last.pth"), "w") as f:
             f.write("not a checkpoint")
         resume = lambda: M.resume(SimpleNamespace(output_dir=folder, resume="", auto_resume=True), None, None, None)  # noqa: E731
         for call, other, want in (
-                (lambda: data.load_video_list(list_path, folder), "3 videos, sha1 0123456789ab",
-                 rf"^the ranks disagree on the list {re.escape(list_path)}: rank 0 \(.*\) 2 videos, sha1 \w{{12}}; "
-                 r"rank 1 \(node1, node 1\) 3 videos, sha1 0123456789ab: give every node the same list$"),
+                (lambda: data.load_video_list(list_path, folder), "3 files, sha1 0123456789ab",
+                 rf"^the ranks disagree on the list {re.escape(list_path)}: rank 0 \(.*\) 2 files, sha1 \w{{12}}; "
+                 r"rank 1 \(node1, node 1\) 3 files, sha1 0123456789ab: give every node the same list$"),
+                (lambda: data.ImageDataset(images), "2 files, sha1 0123456789ab",  # the same count, other files
+                 rf"^the ranks disagree on the image folder {re.escape(images)}: rank 0 \(.*\) 2 files, sha1 \w{{12}}; "
+                 r"rank 1 \(node1, node 1\) 2 files, sha1 0123456789ab: give every node the same images$"),
                 (resume, f"{folder}/checkpoint-last.pth: epoch 3, step end",
                  r"^the ranks disagree on where to resume: rank 0 \(.*\) \S+checkpoint-last.pth: none \(cannot read "
                  r"checkpoint [^\n]*\); rank 1 \(node1, node 1\) \S+: epoch 3, step end: give every node the same")):
