@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 import zipfile
 from types import SimpleNamespace
 
@@ -652,6 +653,9 @@ def scale_lr(args, env, clips=True):
 def train_epochs(args, env, raw, optimizer, loader, loss_fn, what, saved, evaluate=None):
     """Epochs of train_one_epoch from where resume() says to --epochs, `raw` wrapped in DDP under torchrun."""
     start = resume(args, env, raw, optimizer)  # where to continue: an epoch and the steps done in it
+    # broadcast_buffers=False: each step would send every rank the fixed position tables (share_buffers sends rank 0's
+    # buffers when they matter). torch 2.14 warns of its successor, forward_sync_buffers, which older torch lacks
+    warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
     model = torch.nn.parallel.DistributedDataParallel(raw, broadcast_buffers=False) if env.ddp else raw
     if env.is_main:  # flushed before the loader's workers fork, or they print it again
         print(f"{what}, lr {args.lr:.3g}, min_lr {args.min_lr:.3g}, {len(loader)} steps per epoch", flush=True)
