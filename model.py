@@ -591,8 +591,10 @@ def save_checkpoint(path, **state):
             raise ValueError(one_line(OSError(errno.ENOSPC, str(e), os.path.basename(path)), folder)) from None
         raise
     fd = os.open(folder, os.O_RDONLY)
-    os.fsync(fd)  # make the rename itself durable
-    os.close(fd)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
 
 
 def one_line(error, output_dir):
